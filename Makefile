@@ -1,0 +1,45 @@
+# `make serve` and `make test` do all set-up on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The pinned CPU build installs from local disk in seconds; on a GPU host set
+# TORCH_SPEC to a CUDA build. A bare `torch` requirement could pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_REPO ?= build/model-repo
+GRPC_PORT ?= 8001
+HTTP_PORT ?= 8002
+STAMP := $(VENV)/.installed
+
+.PHONY: serve test lint typecheck unit protos demo-repo perf-venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	touch $@
+
+$(MODEL_REPO)/.built: $(STAMP) server/salvo/demo.py
+	$(BIN)/salvo demo-repo $(MODEL_REPO)
+	touch $@
+
+demo-repo: $(MODEL_REPO)/.built
+
+serve: $(MODEL_REPO)/.built
+	$(BIN)/salvo serve --model-repository $(MODEL_REPO) --grpc-port $(GRPC_PORT) --http-port $(HTTP_PORT)
+
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: $(STAMP) lint typecheck
+	$(BIN)/pytest
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

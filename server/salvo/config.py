@@ -1,0 +1,184 @@
+"""Model configuration: `<repo>/<model>/config.yaml` (or `.json`) parsed into frozen models.
+
+The vocabulary follows Triton's (max_batch_size, dims with -1, instance count, dynamic
+batching), written in Salvo's own compact YAML. Every error names the file and the field.
+
+    max_batch_size: 128
+    inputs:  [{name: input, datatype: FP32, dims: [64]}]
+    outputs: [{name: output, datatype: FP32, dims: [10]}]
+    device: auto          # auto | cpu | cuda | cuda:N
+    instance_count: 1
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .datatypes import DATATYPES
+from .errors import ConfigError
+
+CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
+# Model names are single path segments: letters, digits, '_', '-', '.', never '.' or '..'.
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+
+
+def valid_model_name(name: str) -> bool:
+    """Whether `name` can name a model: a plain directory name that cannot escape the repo."""
+    return bool(NAME_RE.match(name)) and name not in (".", "..") and ".." not in name
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorConfig(_Strict):
+    """One input or output: its name, v2 datatype and dims (without the batch dimension)."""
+
+    name: str = Field(min_length=1)
+    datatype: str
+    dims: tuple[int, ...]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r}; expected one of {', '.join(DATATYPES)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _dims(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(d == 0 or d < -1 for d in value):
+            raise ValueError(f"dims must be positive or -1, got {list(value)}")
+        return value
+
+
+class DynamicBatchingConfig(_Strict):
+    """Triton's dynamic_batching block; times in microseconds."""
+
+    max_queue_delay_us: int = Field(default=0, ge=0)
+    """Longest a request waits for a fuller batch while every instance is busy."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = Field(default=0, ge=0)
+    """Requests queued at most; 0 means unbounded."""
+    default_timeout_us: int = Field(default=0, ge=0)
+    """A request still queued after this long is answered DEADLINE_EXCEEDED; 0: none."""
+    allow_timeout_override: bool = False
+    priority_levels: int = Field(default=0, ge=0)
+    default_priority_level: int = Field(default=0, ge=0)
+
+
+class VersionPolicy(_Strict):
+    """Which versions serve: the `latest` N (default 1), `all`, or a `specific` list."""
+
+    latest: int | None = Field(default=None, ge=1)
+    all: bool = False
+    specific: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_choice(self) -> VersionPolicy:
+        chosen = sum([self.latest is not None, self.all, self.specific is not None])
+        if chosen > 1:
+            raise ValueError("choose one of latest, all, specific")
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of `available`, ascending."""
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific]
+        return ordered[-(self.latest or 1) :]
+
+
+class ModelConfig(_Strict):
+    """A model's whole configuration."""
+
+    name: str
+    max_batch_size: int = Field(default=0, ge=0)
+    inputs: tuple[TensorConfig, ...] = Field(min_length=1)
+    outputs: tuple[TensorConfig, ...] = Field(min_length=1)
+    device: str = "auto"
+    instance_count: int = Field(default=1, ge=1, le=64)
+    dynamic_batching: DynamicBatchingConfig | None = None
+    version_policy: VersionPolicy = VersionPolicy()
+    parameters: dict[str, str] = {}
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ModelConfig:
+        for kind, tensors in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [t.name for t in tensors]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {kind} name(s): {', '.join(dupes)}")
+        return self
+
+    def input(self, name: str) -> TensorConfig | None:
+        """The input called `name`, or None."""
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorConfig | None:
+        """The output called `name`, or None."""
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+def find_config_file(model_dir: Path) -> Path | None:
+    """The config file of the model in `model_dir`, or None."""
+    for name in CONFIG_NAMES:
+        path = model_dir / name
+        if path.is_file():
+            return path
+    return None
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Parse and validate the config of the model in `model_dir`.
+
+    Raises ConfigError naming the file and the offending field.
+    """
+    path = find_config_file(model_dir)
+    if path is None:
+        raise ConfigError(f"{model_dir}: no config file (expected one of {', '.join(CONFIG_NAMES)})")
+    try:
+        text = path.read_text()
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw.setdefault("name", model_dir.name)
+    if raw["name"] != model_dir.name:
+        raise ConfigError(
+            f"{path}: field 'name': {raw['name']!r} does not match the directory {model_dir.name!r}"
+        )
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        message = first["msg"].removeprefix("Value error, ")
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ConfigError(f"{path}: field '{field}': {message}{more}") from None
+
+
+def write_config(model_dir: Path, config: ModelConfig) -> Path:
+    """Write `config` as `model_dir/config.yaml`."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    path = model_dir / "config.yaml"
+    data = config.model_dump(mode="json", exclude_defaults=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
