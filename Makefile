@@ -38,7 +38,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: $(STAMP) lint typecheck
+perf-venv:
+	benchmarks/setup_perf_analyzer.sh
+
+test: $(STAMP) perf-venv lint typecheck
 	$(BIN)/pytest
 
 clean:

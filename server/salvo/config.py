@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -152,7 +151,9 @@ def load_config(model_dir: Path) -> ModelConfig:
     """
     path = find_config_file(model_dir)
     if path is None:
-        raise ConfigError(f"{model_dir}: no config file (expected one of {', '.join(CONFIG_NAMES)})")
+        raise ConfigError(
+            f"{model_dir}: no config file (expected one of {', '.join(CONFIG_NAMES)})"
+        )
     try:
         text = path.read_text()
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

@@ -1,0 +1,245 @@
+"""Model files onto a device, and forward passes on numpy batches.
+
+Two formats are accepted: TorchScript (`model.pt`, read by TorchScript's own C++ loader)
+and torch.export (`model.pt2`). Python's pickle is never run on a model file: a pickle or
+a `torch.save` checkpoint is refused, and a `.pt2` archive is checked for pickled payloads
+and loaded with its pickled example inputs removed (torch.export's loader would otherwise
+unpickle them, falling back to arbitrary objects).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import warnings
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig
+from .errors import ConfigError, ModelFailed
+
+MODEL_FILES = ("model.pt", "model.pt2")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".bin", ".joblib", ".ckpt")
+_PICKLE_MAGIC = (b"\x80", b"(", b"]", b"}")  # protocol 2+ opcode, and protocol 0/1 openers
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "UINT8": torch.uint8,
+    "UINT16": torch.uint16,
+    "UINT32": torch.uint32,
+    "UINT64": torch.uint64,
+    "INT8": torch.int8,
+    "INT16": torch.int16,
+    "INT32": torch.int32,
+    "INT64": torch.int64,
+    "FP16": torch.float16,
+    "FP32": torch.float32,
+    "FP64": torch.float64,
+    "BF16": torch.bfloat16,
+}
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` is CUDA where a GPU is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+def find_model_file(version_dir: Path) -> Path:
+    """The model file in a version directory; refuses pickles with a clear error."""
+    for name in MODEL_FILES:
+        path = version_dir / name
+        if path.is_file():
+            return path
+    pickles = sorted(p.name for p in version_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ConfigError(
+            f"{version_dir / pickles[0]}: refusing a pickle file: Salvo never unpickles model "
+            "files; save the model with torch.jit.save (model.pt) or torch.export.save (model.pt2)"
+        )
+    raise ConfigError(f"{version_dir}: no model file (expected one of {', '.join(MODEL_FILES)})")
+
+
+def _open_archive(path: Path) -> zipfile.ZipFile:
+    with path.open("rb") as f:
+        head = f.read(2)
+    if not zipfile.is_zipfile(path):
+        kind = "a pickle" if head[:1] in _PICKLE_MAGIC else "not a zip archive"
+        raise ConfigError(
+            f"{path}: refusing to load: the file is {kind}; Salvo loads only TorchScript "
+            "(torch.jit.save) and torch.export (torch.export.save) archives and never unpickles"
+        )
+    return zipfile.ZipFile(path)
+
+
+def _load_torchscript(path: Path, device: torch.device) -> Any:
+    with _open_archive(path) as archive:
+        names = archive.namelist()
+    if not any("/code/" in n for n in names) or not any(n.endswith("constants.pkl") for n in names):
+        raise ConfigError(
+            f"{path}: refusing to load: this is a torch.save checkpoint (a pickle), not "
+            "TorchScript; save the model with torch.jit.save"
+        )
+    module = torch.jit.load(str(path), map_location=device)
+    module.eval()
+    return module
+
+
+def _load_exported(path: Path, device: torch.device) -> Any:
+    buffer = io.BytesIO()
+    with _open_archive(path) as src, zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            name = info.filename
+            data = src.read(info)
+            if name.endswith("_config.json") and "/data/" in name:
+                payloads = json.loads(data).get("config", {})
+                pickled = [key for key, meta in payloads.items() if meta.get("use_pickle")]
+                if pickled:
+                    raise ConfigError(
+                        f"{path}: refusing to load: entry {pickled[0]!r} is stored as a pickle"
+                    )
+            elif "/data/weights/" in name and name.endswith(".pt"):
+                raise ConfigError(f"{path}: refusing to load: legacy pickled weights {name!r}")
+            if "/data/sample_inputs/" in name:
+                data = b""  # example inputs are pickled; serving does not need them
+            dst.writestr(info, data)
+    buffer.seek(0)
+    program = torch.export.load(buffer)
+    return program.module().to(device)
+
+
+@dataclass(frozen=True, slots=True)
+class Timings:
+    """Nanoseconds spent on one forward pass, in Triton's three compute phases."""
+
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+class LoadedModel:
+    """One model version on its device: numpy batch in, numpy outputs out.
+
+    Calls are safe from several worker threads at once (TorchScript and exported modules
+    hold no per-call state); each call runs under `torch.inference_mode`.
+    """
+
+    def __init__(self, config: ModelConfig, path: Path, module: Any, device: torch.device):
+        self.config = config
+        self.path = path
+        self.module = module
+        self.device = device
+
+    @classmethod
+    def load(cls, config: ModelConfig, version_dir: Path) -> LoadedModel:
+        """Load the model file in `version_dir` per `config`. Raises ConfigError."""
+        for tensor in (*config.inputs, *config.outputs):
+            if tensor.datatype == "BYTES":
+                raise ConfigError(
+                    f"{version_dir.parent}: tensor {tensor.name!r}: BYTES tensors cannot feed "
+                    "or leave a PyTorch model"
+                )
+        path = find_model_file(version_dir)
+        device = resolve_device(config.device)
+        loader = _load_torchscript if path.suffix == ".pt" else _load_exported
+        try:
+            module = loader(path, device)
+        except ConfigError:
+            raise
+        except Exception as exc:  # torch's loaders raise many types; the message is what matters
+            raise ConfigError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
+        return cls(config, path, module, device)
+
+    def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], Timings]:
+        """Run one forward pass on `inputs` (config input order); outputs in config order.
+
+        Raises ModelFailed when the model raises or returns the wrong number, dtype or rows.
+        """
+        name = self.config.name
+        t0 = time.perf_counter_ns()
+        with warnings.catch_warnings():
+            # Raw request buffers are read-only; the model never writes to its inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = [
+                _to_torch(array, spec.datatype, self.device)
+                for array, spec in zip(inputs, self.config.inputs, strict=True)
+            ]
+        t1 = time.perf_counter_ns()
+        try:
+            with torch.inference_mode():
+                raw = self.module(*tensors)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFailed(f"model '{name}' raised {type(exc).__name__}: {first}") from None
+        t2 = time.perf_counter_ns()
+        outputs = self._collect(raw, inputs)
+        t3 = time.perf_counter_ns()
+        return outputs, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+    def _collect(self, raw: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        name = self.config.name
+        specs = self.config.outputs
+        if isinstance(raw, torch.Tensor):
+            values: list[Any] = [raw]
+        elif isinstance(raw, dict):
+            missing = [s.name for s in specs if s.name not in raw]
+            if missing:
+                raise ModelFailed(f"model '{name}' returned no output {missing[0]!r}")
+            values = [raw[s.name] for s in specs]
+        elif isinstance(raw, (tuple, list)):
+            values = list(raw)
+        else:
+            raise ModelFailed(f"model '{name}' returned {type(raw).__name__}, not tensors")
+        if len(values) != len(specs):
+            raise ModelFailed(
+                f"model '{name}' returned {len(values)} outputs, its config declares {len(specs)}"
+            )
+        rows = inputs[0].shape[0] if self.config.max_batch_size > 0 and inputs else None
+        arrays = []
+        for value, spec in zip(values, specs, strict=True):
+            if not isinstance(value, torch.Tensor):
+                raise ModelFailed(f"model '{name}' output '{spec.name}' is not a tensor")
+            expected = TORCH_DTYPES[spec.datatype]
+            if value.dtype != expected:
+                raise ModelFailed(
+                    f"model '{name}' output '{spec.name}': expected {spec.datatype}, "
+                    f"got {str(value.dtype).removeprefix('torch.')}"
+                )
+            if rows is not None and (value.dim() == 0 or value.shape[0] != rows):
+                got = value.shape[0] if value.dim() else "a scalar"
+                raise ModelFailed(
+                    f"model '{name}' output '{spec.name}': expected {rows} rows, one per "
+                    f"input row, got {got}"
+                )
+            arrays.append(_to_numpy(value))
+        return arrays
+
+
+def _to_torch(array: np.ndarray, datatype: str, device: torch.device) -> torch.Tensor:
+    if datatype == "BF16":
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
+    return tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return tensor.contiguous().numpy()

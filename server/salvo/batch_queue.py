@@ -1,0 +1,182 @@
+"""The dynamic batcher's queue: pure, synchronous state with no event loop in sight.
+
+The asyncio shell in `scheduler.py` only appends, removes and asks for the next batch;
+every decision about which requests run together lives here, so it can be tested with
+plain calls (and hypothesis) and no timing.
+
+Policy (Triton's vocabulary):
+- Priority levels run highest first (level 1 is the highest); FIFO within a level.
+- A batch holds requests with the head request's signature (non-batch shapes and requested
+  outputs), in queue order, up to `max_batch_size` rows. Rows, not requests, are counted.
+- Without preferred batch sizes a free instance takes whatever is queued: no added latency.
+- With preferred sizes, the largest preferred size that the queue can fill goes at once;
+  a smaller batch waits until its oldest request has waited `max_queue_delay_ns`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .errors import Overloaded
+
+
+class Batchable(Protocol):
+    """What the queue needs of a request."""
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def signature(self) -> Hashable: ...
+
+
+@dataclass(eq=False, slots=True)
+class Entry:
+    """One queued request and its bookkeeping; compared by identity."""
+
+    request: Batchable
+    enqueued_ns: int
+    deadline_ns: int | None = None
+    priority: int = 0
+    waiter: Any = None
+    """Whatever the shell uses to answer the request (a future); opaque here."""
+    cancelled: bool = False
+    """Set when the caller went away; a worker skips a cancelled entry before running it."""
+    seq: int = field(default=0)
+
+
+class BatchQueue:
+    """Queued requests of one model version, and the rule that forms batches from them."""
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        *,
+        max_queue_size: int = 0,
+        preferred_batch_sizes: tuple[int, ...] = (),
+        max_queue_delay_ns: int = 0,
+        priority_levels: int = 0,
+        default_priority_level: int = 0,
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        limit = max(max_batch_size, 1)
+        self.preferred = tuple(sorted({p for p in preferred_batch_sizes if 0 < p <= limit}))
+        self.max_queue_delay_ns = max_queue_delay_ns
+        self.levels = max(priority_levels, 1)
+        self.default_level = default_priority_level or (self.levels + 1) // 2 or 1
+        self._queues: list[deque[Entry]] = [deque() for _ in range(self.levels)]
+        self._size = 0
+        self._rows = 0
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    @property
+    def rows(self) -> int:
+        """Rows queued in all."""
+        return self._rows
+
+    def level_of(self, priority: int) -> int:
+        """The priority level a request asking for `priority` gets (0: the default)."""
+        if priority <= 0 or priority > self.levels:
+            return self.default_level
+        return priority
+
+    def append(self, entry: Entry) -> None:
+        """Queue `entry`, or raise Overloaded if the queue is full (nothing else changes)."""
+        if self.max_queue_size and self._size >= self.max_queue_size:
+            raise Overloaded(f"queue full: {self._size} requests queued (max_queue_size)")
+        entry.priority = self.level_of(entry.priority)
+        self._seq += 1
+        entry.seq = self._seq
+        self._queues[entry.priority - 1].append(entry)
+        self._size += 1
+        self._rows += entry.request.rows
+
+    def remove(self, entry: Entry) -> bool:
+        """Take `entry` out if it is still queued; False if it already left."""
+        queue = self._queues[entry.priority - 1] if 0 < entry.priority <= self.levels else None
+        if queue is None:
+            return False
+        try:
+            queue.remove(entry)
+        except ValueError:
+            return False
+        self._size -= 1
+        self._rows -= entry.request.rows
+        return True
+
+    def expire(self, now_ns: int) -> list[Entry]:
+        """Remove and return every entry whose deadline has passed or whose caller left."""
+        gone = [
+            e
+            for e in self
+            if e.cancelled or (e.deadline_ns is not None and e.deadline_ns <= now_ns)
+        ]
+        for entry in gone:
+            self.remove(entry)
+        return gone
+
+    def __iter__(self) -> Iterator[Entry]:
+        for queue in self._queues:
+            yield from queue
+
+    def head(self) -> Entry | None:
+        """The request that runs next."""
+        return next(iter(self), None)
+
+    def hold_until_ns(self) -> int | None:
+        """When a batch held back for a preferred size must go anyway; None if none waits."""
+        head = self.head()
+        if head is None or not self.preferred:
+            return None
+        return head.enqueued_ns + self.max_queue_delay_ns
+
+    def next_batch(self, now_ns: int) -> list[Entry] | None:
+        """The entries to run on a free instance now, removed from the queue.
+
+        None when the queue is empty, or when it holds back for a preferred batch size.
+        """
+        head = self.head()
+        if head is None:
+            return None
+        if self.max_batch_size <= 0:
+            self.remove(head)
+            return [head]
+        chosen: list[Entry] = []
+        rows = 0
+        for entry in self:
+            if entry.request.signature != head.request.signature:
+                continue
+            if rows + entry.request.rows > self.max_batch_size:
+                if entry is head:  # cannot happen: validation caps a request's rows
+                    chosen, rows = [entry], entry.request.rows
+                break
+            chosen.append(entry)
+            rows += entry.request.rows
+        if self.preferred and rows not in self.preferred:
+            fits = [p for p in self.preferred if p <= rows]
+            if fits:
+                chosen = _trim(chosen, fits[-1])
+            elif now_ns - head.enqueued_ns < self.max_queue_delay_ns:
+                return None
+        for entry in chosen:
+            self.remove(entry)
+        return chosen
+
+
+def _trim(entries: list[Entry], target_rows: int) -> list[Entry]:
+    """The longest prefix of `entries` whose rows do not exceed `target_rows` (at least one)."""
+    kept: list[Entry] = []
+    rows = 0
+    for entry in entries:
+        if kept and rows + entry.request.rows > target_rows:
+            break
+        kept.append(entry)
+        rows += entry.request.rows
+    return kept

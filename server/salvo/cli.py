@@ -1,0 +1,105 @@
+"""The `salvo` command line: `salvo serve`, `salvo demo-repo`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(_JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .settings import Settings
+
+    overrides = {
+        key: value
+        for key, value in {
+            "model_repository": args.model_repository,
+            "grpc_port": args.grpc_port,
+            "http_port": args.http_port,
+            "host": args.host,
+            "drain_timeout_s": args.drain_timeout_s,
+            "torch_threads": args.torch_threads,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    _setup_logging(settings.log_level)
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    from .server import SalvoServer
+
+    async def main() -> None:
+        await SalvoServer(settings).run_until_signalled()
+
+    asyncio.run(main())
+    return 0
+
+
+def _demo_repo(args: argparse.Namespace) -> int:
+    from .demo import build_demo_repo
+
+    started = time.monotonic()
+    build_demo_repo(Path(args.directory))
+    print(
+        f"demo model repository written to {args.directory} in {time.monotonic() - started:.1f} s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="salvo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (v2 protocol) and HTTP (metrics, health)",
+        description="Flags override the SALVO_* environment variables of the same name.",
+    )
+    serve.add_argument("--model-repository", type=Path, help="model repository directory")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks one)")
+    serve.add_argument("--http-port", type=int, help="HTTP port (default 8002; 0 picks one)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--drain-timeout-s", type=float, help="graceful drain bound on SIGTERM")
+    serve.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: default)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.set_defaults(func=_serve)
+
+    demo = sub.add_parser("demo-repo", help="write the demo model repository (offline, seeded)")
+    demo.add_argument("directory", help="where to write it")
+    demo.set_defaults(func=_demo_repo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""The model repository on disk and the models loaded from it.
+
+`<repo>/<model>/config.yaml` plus `<repo>/<model>/<version>/model.pt|model.pt2`. The
+ModelManager loads, reloads and unloads models while others keep serving: a reload builds
+the new versions first and swaps them in, so a failed reload leaves the old ones serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend import LoadedModel
+from .config import ModelConfig, load_config, valid_model_name
+from .errors import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
+from .scheduler import Scheduler
+from .stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+
+class State(enum.Enum):
+    """A model's state, as RepositoryIndex reports it."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(eq=False)
+class ModelVersion:
+    """One loaded version: its model, its scheduler and its statistics."""
+
+    name: str
+    version: int
+    config: ModelConfig
+    model: LoadedModel
+    scheduler: Scheduler
+    stats: ModelStats
+
+
+@dataclass(eq=False)
+class ModelEntry:
+    """Everything the server knows of one model name."""
+
+    name: str
+    state: State = State.UNAVAILABLE
+    reason: str = ""
+    config: ModelConfig | None = None
+    versions: dict[int, ModelVersion] = field(default_factory=dict)
+    load_seconds: float = 0.0
+    wanted: bool = True
+    """False once unloaded on request: readiness no longer waits for it."""
+
+    def latest(self) -> ModelVersion | None:
+        return self.versions[max(self.versions)] if self.versions else None
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Version numbers: the all-digit subdirectories of a model directory."""
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+class ModelManager:
+    """Loads models from the repository and hands out the version a request names."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.models: dict[str, ModelEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def discover(self) -> list[str]:
+        """Model names in the repository: directories with a valid name."""
+        if not self.root.is_dir():
+            raise ConfigError(f"{self.root}: model repository not found")
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and valid_model_name(p.name)
+        )
+
+    async def load_all(self) -> None:
+        """Load every model in the repository, concurrently; failures are recorded per model."""
+        names = self.discover()
+        for name in names:
+            self.models.setdefault(name, ModelEntry(name, State.LOADING))
+        await asyncio.gather(*(self.load(name, quiet=True) for name in names))
+
+    def all_ready(self) -> bool:
+        """True once every model in the repository loaded (Triton's strict readiness)."""
+        return all(e.state is State.READY for e in self.models.values() if e.wanted)
+
+    def _check_name(self, name: str) -> None:
+        if not valid_model_name(name):
+            raise InvalidRequest(
+                f"invalid model name {name!r}: a model name is one path segment of letters, "
+                "digits, '_', '-' and '.'"
+            )
+
+    async def load(self, name: str, quiet: bool = False) -> None:
+        """Load or reload `name`. Raises ModelNotFound or ModelUnavailable (unless quiet)."""
+        self._check_name(name)
+        model_dir = self.root / name
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            entry = self.models.setdefault(name, ModelEntry(name))
+            entry.wanted = True
+            previous = dict(entry.versions)
+            if not previous:
+                entry.state = State.LOADING
+            started = time.monotonic()
+            try:
+                versions = await asyncio.to_thread(self._load_versions, name, model_dir)
+            except ConfigError as exc:
+                entry.reason = str(exc)
+                if not previous:
+                    entry.state = State.UNAVAILABLE
+                log.error("load of model '%s' failed: %s", name, exc)
+                if quiet:
+                    return
+                raise ModelUnavailable(f"failed to load model '{name}': {exc}") from None
+            for mv in versions.values():
+                await mv.scheduler.start()
+            entry.config = next(iter(versions.values())).config
+            entry.versions = versions
+            entry.state = State.READY
+            entry.reason = ""
+            entry.load_seconds = time.monotonic() - started
+            log.info(
+                "loaded model '%s' versions %s in %.2f s",
+                name,
+                sorted(versions),
+                entry.load_seconds,
+            )
+            for old in previous.values():
+                await old.scheduler.stop()
+
+    def _load_versions(self, name: str, model_dir: Path) -> dict[int, ModelVersion]:
+        config = load_config(model_dir)
+        available = list_versions(model_dir)
+        chosen = config.version_policy.select(available)
+        if not chosen:
+            raise ConfigError(
+                f"{model_dir}: no version to serve (found {available or 'none'}; "
+                "versions are numbered subdirectories)"
+            )
+        versions = {}
+        for version in chosen:
+            model = LoadedModel.load(config, model_dir / str(version))
+            stats = ModelStats(name, version)
+            versions[version] = ModelVersion(
+                name, version, config, model, Scheduler(model, stats, version), stats
+            )
+        return versions
+
+    async def unload(self, name: str) -> None:
+        """Unload `name`: new requests get UNAVAILABLE, queued ones finish first."""
+        self._check_name(name)
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model '{name}' is not in the repository")
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            versions, entry.versions = entry.versions, {}
+            entry.wanted = False
+            entry.state = State.UNLOADING
+            for mv in versions.values():
+                await mv.scheduler.stop()
+            entry.state = State.UNAVAILABLE
+            entry.reason = "unloaded"
+            log.info("unloaded model '%s'", name)
+
+    def get(self, name: str, version: str = "") -> ModelVersion:
+        """The version a request names ("" for the latest). Raises NOT_FOUND or UNAVAILABLE."""
+        entry = self.models.get(name)
+        if entry is None:
+            self._check_name(name)
+            raise ModelNotFound(f"unknown model '{name}'")
+        if entry.state is not State.READY:
+            why = f": {entry.reason}" if entry.reason else ""
+            raise ModelUnavailable(f"model '{name}' is {entry.state.value.lower()}{why}")
+        if not version:
+            latest = entry.latest()
+            assert latest is not None
+            return latest
+        if not version.isdigit():
+            raise ModelNotFound(f"model '{name}' has no version {version!r}")
+        mv = entry.versions.get(int(version))
+        if mv is None:
+            raise ModelNotFound(
+                f"model '{name}' has no version {version} (serving {sorted(entry.versions)})"
+            )
+        return mv
+
+    def config_of(self, name: str) -> ModelConfig:
+        """The config of a model, loaded or not; NOT_FOUND if unknown."""
+        entry = self.models.get(name)
+        if entry is None or entry.config is None:
+            self._check_name(name)
+            raise ModelNotFound(f"unknown model '{name}'")
+        return entry.config
+
+    async def stop(self) -> None:
+        """Drain and stop every scheduler."""
+        for entry in self.models.values():
+            for mv in entry.versions.values():
+                await mv.scheduler.stop()

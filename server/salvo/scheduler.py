@@ -1,0 +1,279 @@
+"""The dynamic batcher's asyncio shell: one per model version.
+
+It owns a BatchQueue (all policy lives there) and `instance_count` worker threads. The
+loop waits for work or for a free instance, asks the queue for the next batch and hands
+it to a free instance's thread; forward passes never run on the event loop. Futures are
+only ever touched on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import cast
+
+import numpy as np
+
+from .backend import LoadedModel, Timings
+from .batch_queue import BatchQueue, Entry
+from .errors import (
+    Cancelled,
+    DeadlineExceeded,
+    ModelFailed,
+    ModelUnavailable,
+    SalvoError,
+)
+from .stats import ModelStats
+from .validation import InferRequest
+
+log = logging.getLogger(__name__)
+
+_Outputs = list[np.ndarray]
+
+
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class Scheduler:
+    """Queues requests for one model version and runs them in batches."""
+
+    def __init__(self, model: LoadedModel, stats: ModelStats, version: int) -> None:
+        self.model = model
+        self.stats = stats
+        self.version = version
+        config = model.config
+        batching = config.dynamic_batching
+        self.max_batch_size = config.max_batch_size if batching is not None else 0
+        self.batching = batching is not None and config.max_batch_size > 0
+        self.default_timeout_ns = batching.default_timeout_us * 1000 if batching else 0
+        self.allow_timeout_override = batching.allow_timeout_override if batching else False
+        self.queue = BatchQueue(
+            config.max_batch_size if self.batching else 0,
+            max_queue_size=batching.max_queue_size if batching else 0,
+            preferred_batch_sizes=batching.preferred_batch_sizes if batching else (),
+            max_queue_delay_ns=batching.max_queue_delay_us * 1000 if batching else 0,
+            priority_levels=batching.priority_levels if batching else 0,
+            default_priority_level=batching.default_priority_level if batching else 0,
+        )
+        self.in_flight = 0
+        """Requests inside batches that are running now."""
+        self._instances = config.instance_count
+        self._accepting = False
+
+    async def start(self) -> None:
+        """Create the loop-bound state and start the dispatch task, on the running loop."""
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._free = list(range(self._instances))
+        self._executors = [
+            ThreadPoolExecutor(1, thread_name_prefix=f"salvo-{self.model.config.name}-{i}")
+            for i in range(self._instances)
+        ]
+        self._running: set[asyncio.Task] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._accepting = True
+        self._task = asyncio.create_task(self._dispatch_loop(), name="salvo-dispatch")
+        self._task.add_done_callback(_log_crash)
+
+    async def infer(self, request: InferRequest, deadline_ns: int | None = None) -> _Outputs:
+        """Queue `request` and wait for its outputs (requested outputs only, in order asked).
+
+        `deadline_ns` (monotonic) comes from the gRPC deadline; the request's `timeout`
+        parameter and the model's default timeout may shorten it. A request still queued at
+        its deadline is answered DEADLINE_EXCEEDED and never runs.
+        """
+        if not self._accepting:
+            raise ModelUnavailable(f"model '{request.model}' is unloading")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic_ns()
+        deadline_ns = self._deadline(request, now, deadline_ns)
+        priority = request.parameters.get("priority", 0)
+        entry = Entry(
+            request,
+            enqueued_ns=now,
+            deadline_ns=deadline_ns,
+            priority=priority if isinstance(priority, int) else 0,
+            waiter=loop.create_future(),
+        )
+        self.queue.append(entry)
+        self._idle.clear()
+        self._wake.set()
+        try:
+            if deadline_ns is None:
+                return await asyncio.shield(entry.waiter)
+            timeout_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+            try:
+                return await asyncio.wait_for(asyncio.shield(entry.waiter), timeout_s)
+            except TimeoutError:
+                if self.queue.remove(entry) or entry.cancelled:
+                    entry.cancelled = True
+                    self._after_change()
+                    raise DeadlineExceeded(
+                        f"request timed out after waiting in the queue of model '{request.model}'"
+                    ) from None
+                return await asyncio.shield(entry.waiter)  # already running: finish it
+        except asyncio.CancelledError:
+            # The caller went away: drop the request if it has not started running.
+            entry.cancelled = True
+            if self.queue.remove(entry):
+                self._after_change()
+            raise
+
+    def _deadline(self, request: InferRequest, now: int, deadline_ns: int | None) -> int | None:
+        timeout_us = request.parameters.get("timeout")
+        timeout_ns = self.default_timeout_ns
+        if isinstance(timeout_us, int) and timeout_us > 0:
+            asked = timeout_us * 1000
+            if self.allow_timeout_override or not timeout_ns or asked < timeout_ns:
+                timeout_ns = asked
+        if timeout_ns:
+            mine = now + timeout_ns
+            deadline_ns = mine if deadline_ns is None else min(deadline_ns, mine)
+        return deadline_ns
+
+    def _after_change(self) -> None:
+        if not self.queue and not self.in_flight:
+            self._idle.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            now = time.monotonic_ns()
+            for entry in self.queue.expire(now):
+                if not entry.cancelled:
+                    _set_exception(
+                        entry.waiter,
+                        DeadlineExceeded(
+                            f"request timed out in the queue of model '{self.model.config.name}'"
+                        ),
+                    )
+            while self._free and self.queue:
+                batch = self.queue.next_batch(now)
+                if batch is None:
+                    self._arm_timer()
+                    break
+                instance = self._free.pop()
+                self.in_flight += len(batch)
+                task = asyncio.create_task(self._execute(instance, batch))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+                task.add_done_callback(_log_crash)
+            self._after_change()
+
+    def _arm_timer(self) -> None:
+        when = self.queue.hold_until_ns()
+        if when is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        delay_s = max(when - time.monotonic_ns(), 0) / 1e9
+        self._timer = loop.call_later(delay_s, self._wake.set)
+
+    async def _execute(self, instance: int, batch: list[Entry]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.monotonic_ns()
+        try:
+            for entry in batch:
+                self.stats.queue.add(start - entry.enqueued_ns)
+            try:
+                ran, outputs, timings = await loop.run_in_executor(
+                    self._executors[instance], self._run_batch, batch
+                )
+            except SalvoError as exc:
+                for entry in batch:
+                    _set_exception(entry.waiter, exc)
+                return
+            except Exception as exc:  # our own bug: fail this batch only, and say so in the log
+                log.exception("batch of model '%s' failed", self.model.config.name)
+                for entry in batch:
+                    _set_exception(entry.waiter, ModelFailed(f"batch failed: {type(exc).__name__}"))
+                return
+            for entry in batch:
+                if entry not in ran:
+                    _set_exception(entry.waiter, Cancelled("request cancelled before it ran"))
+            if ran:
+                rows = sum(e.request.rows for e in ran)
+                self.stats.record_batch(
+                    rows, len(ran), timings.input_ns, timings.infer_ns, timings.output_ns
+                )
+                self._answer(ran, outputs)
+        finally:
+            self.in_flight -= len(batch)
+            self._free.append(instance)
+            self._wake.set()
+            self._after_change()
+
+    def _run_batch(self, batch: list[Entry]) -> tuple[list[Entry], _Outputs, Timings]:
+        """On an instance's worker thread: assemble, run, and return the outputs."""
+        ran = [e for e in batch if not e.cancelled]
+        if not ran:
+            return ran, [], Timings(0, 0, 0)
+        start = time.perf_counter_ns()
+        requests = [_request(e) for e in ran]
+        if len(requests) == 1:
+            inputs = list(requests[0].inputs)
+        else:
+            inputs = [
+                np.concatenate([r.inputs[i] for r in requests])
+                for i in range(len(requests[0].inputs))
+            ]
+        assembled = time.perf_counter_ns() - start
+        outputs, timings = self.model.run(inputs)
+        return (
+            ran,
+            outputs,
+            Timings(timings.input_ns + assembled, timings.infer_ns, timings.output_ns),
+        )
+
+    def _answer(self, ran: list[Entry], outputs: _Outputs) -> None:
+        offset = 0
+        for entry in ran:
+            request = _request(entry)
+            if self.batching or len(ran) > 1:
+                stop = offset + request.rows
+                mine = [outputs[i][offset:stop] for i in request.outputs]
+                offset = stop
+            else:
+                mine = [outputs[i] for i in request.outputs]
+            _set_result(entry.waiter, mine)
+
+    async def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop taking requests, let queued and running ones finish, then free the threads.
+
+        Whatever has not finished within `timeout_s` is answered UNAVAILABLE.
+        """
+        self._accepting = False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        for entry in list(self.queue):
+            self.queue.remove(entry)
+            _set_exception(entry.waiter, ModelUnavailable("model unloaded before the request ran"))
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._timer is not None:
+            self._timer.cancel()
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _request(entry: Entry) -> InferRequest:
+    return cast(InferRequest, entry.request)
+
+
+def _log_crash(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("task %s crashed", task.get_name(), exc_info=task.exception())

@@ -1,0 +1,153 @@
+"""Assembles and runs Salvo: gRPC (v2 service, health, reflection) and the HTTP port.
+
+Start-up: bind both ports and log them, then load every model; health turns SERVING once
+all have loaded. Shutdown (SIGTERM or SIGINT): health NOT_SERVING, stop taking new RPCs,
+let running ones finish within the drain timeout, stop the schedulers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import _async as health_async
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from prometheus_client import CollectorRegistry, Gauge
+
+from salvo_client.proto import grpc_service_pb2 as pb
+from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
+from salvo_client.proto._pool import POOL
+
+from .repository import ModelManager, State
+from .servicer import InferenceServicer
+from .settings import Settings
+
+log = logging.getLogger("salvo")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _add_to_pool(file_descriptor) -> None:
+    """Make a default-pool file (health, reflection) resolvable through Salvo's pool."""
+    proto = descriptor_pb2.FileDescriptorProto()
+    file_descriptor.CopyToProto(proto)
+    with contextlib.suppress(TypeError, KeyError):
+        POOL.FindFileByName(proto.name)
+        return
+    for dependency in file_descriptor.dependencies:
+        _add_to_pool(dependency)
+    POOL.Add(proto)
+
+
+class SalvoServer:
+    """One Salvo process: its ports, its models, its lifecycle."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models = ModelManager(settings.model_repository)
+        self.registry = CollectorRegistry()
+        self.ready = asyncio.Event()
+        self.grpc_port = 0
+        self.http_port = 0
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind, log the ports, load the models, turn health SERVING."""
+        from .httpserver import HttpServer
+
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(options=options)
+        self.servicer = InferenceServicer(
+            self.models, self.ready, s.stream_max_in_flight, on_change=self.refresh_health
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        self.health = health_async.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for module in (health_pb2, reflection_pb2):
+            _add_to_pool(module.DESCRIPTOR)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_name, reflection.SERVICE_NAME), self.server, pool=POOL
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
+        await self.server.start()
+
+        ready_gauge = Gauge(
+            "salvo_model_ready", "1 when the model can serve", ["model"], registry=self.registry
+        )
+        self.http = HttpServer(self.registry, self.is_ready)
+        self.http_port = await self.http.start(s.host, s.http_port)
+        log.info("listening grpc=%s:%d http=%s:%d", s.host, self.grpc_port, s.host, self.http_port)
+
+        await self.models.load_all()
+        for name in self.models.models:
+            ready_gauge.labels(name).set_function(self._ready_function(name))
+        self.ready.set()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.models.all_ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        log.info(
+            "ready: %s",
+            ", ".join(f"{n}={e.state.value}" for n, e in sorted(self.models.models.items())),
+        )
+
+    def _ready_function(self, name: str) -> Callable[[], float]:
+        def ready() -> float:
+            entry = self.models.models.get(name)
+            return 1.0 if entry is not None and entry.state is State.READY else 0.0
+
+        return ready
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set() and self.models.all_ready()
+
+    async def refresh_health(self) -> None:
+        """Re-derive health from the models (after a load or unload)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.is_ready()
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Drain: health NOT_SERVING, finish running RPCs within the drain timeout, stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("draining (up to %.1f s)", self.settings.drain_timeout_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.drain_timeout_s)
+        await self.models.stop()
+        await self.http.stop()
+        log.info("stopped")
+
+    async def run_until_signalled(self) -> None:
+        """Start, then serve until SIGTERM or SIGINT, then drain."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        await self.stop()

@@ -1,0 +1,320 @@
+"""The v2 GRPCInferenceService: thin glue from protobuf to the model manager and back.
+
+Each RPC decodes, calls the domain, encodes. Errors become statuses in one place
+(`errors.status_for`); nothing here knows about torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+
+from salvo_client.proto import grpc_service_pb2 as pb
+from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
+from salvo_client.proto import model_config_pb2 as mc
+
+from . import __version__
+from .codec import decode_inputs, encode_outputs
+from .config import ModelConfig
+from .errors import InvalidRequest, Overloaded, SalvoError, status_for
+from .repository import ModelManager
+from .validation import validate_request
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
+
+
+def _param_value(p: pb.InferParameter) -> object:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def _parameters(request: pb.ModelInferRequest) -> dict[str, object]:
+    params = {k: _param_value(v) for k, v in request.parameters.items()}
+    for key in ("priority", "timeout"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidRequest(f"parameter '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int) and value < 0:
+            raise InvalidRequest(f"parameter '{key}' must not be negative, got {value}")
+    return params
+
+
+def config_to_proto(config: ModelConfig) -> mc.ModelConfig:
+    """The config as Triton's ModelConfig message (what perf_analyzer reads)."""
+    out = mc.ModelConfig(
+        name=config.name,
+        platform="pytorch_libtorch",
+        backend="pytorch",
+        max_batch_size=config.max_batch_size,
+    )
+    for spec in config.inputs:
+        out.input.add(
+            name=spec.name, data_type=mc.DataType.Value(_enum(spec.datatype)), dims=spec.dims
+        )
+    for spec in config.outputs:
+        out.output.add(
+            name=spec.name, data_type=mc.DataType.Value(_enum(spec.datatype)), dims=spec.dims
+        )
+    kind = (
+        mc.ModelInstanceGroup.KIND_GPU
+        if "cuda" in config.device
+        else mc.ModelInstanceGroup.KIND_CPU
+    )
+    out.instance_group.add(name=config.name, count=config.instance_count, kind=kind)
+    policy = config.version_policy
+    if policy.all:
+        out.version_policy.all.SetInParent()
+    elif policy.specific is not None:
+        out.version_policy.specific.versions.extend(policy.specific)
+    else:
+        out.version_policy.latest.num_versions = policy.latest or 1
+    batching = config.dynamic_batching
+    if batching is not None and config.max_batch_size > 0:
+        db = out.dynamic_batching
+        db.preferred_batch_size.extend(batching.preferred_batch_sizes)
+        db.max_queue_delay_microseconds = batching.max_queue_delay_us
+        db.priority_levels = batching.priority_levels
+        db.default_priority_level = batching.default_priority_level
+        db.default_queue_policy.default_timeout_microseconds = batching.default_timeout_us
+        db.default_queue_policy.allow_timeout_override = batching.allow_timeout_override
+        db.default_queue_policy.max_queue_size = batching.max_queue_size
+    for key, value in config.parameters.items():
+        out.parameters[key].string_value = value
+    return out
+
+
+def _enum(datatype: str) -> str:
+    from .datatypes import DATATYPES
+
+    return DATATYPES[datatype].config_enum
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL and not isinstance(exc, SalvoError):
+        log.exception("unexpected error", exc_info=exc)
+    trailing: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, Overloaded):
+        trailing = (("grpc-retry-pushback-ms", str(exc.retry_after_ms)),)
+    await context.abort(code, message, trailing_metadata=trailing)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """Every v2 RPC, delegating to the ModelManager."""
+
+    def __init__(
+        self,
+        models: ModelManager,
+        ready: asyncio.Event,
+        stream_max_in_flight: int = 256,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ):
+        self.models = models
+        self.on_change = on_change
+        self.ready = ready
+        self.stream_max_in_flight = stream_max_in_flight
+
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return pb.ServerReadyResponse(ready=self.ready.is_set() and self.models.all_ready())
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="salvo", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelReady(self, request, context):
+        try:
+            self.models.get(request.name, request.version)
+        except SalvoError as exc:
+            if isinstance(exc, InvalidRequest):
+                await _abort(context, exc)
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        try:
+            mv = self.models.get(request.name, request.version)
+        except SalvoError as exc:
+            await _abort(context, exc)
+        entry = self.models.models[mv.name]
+        out = pb.ModelMetadataResponse(
+            name=mv.name,
+            versions=[str(v) for v in sorted(entry.versions)],
+            platform="pytorch_libtorch",
+        )
+        batch = [-1] if mv.config.max_batch_size > 0 else []
+        for spec in mv.config.inputs:
+            out.inputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
+        for spec in mv.config.outputs:
+            out.outputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
+        return out
+
+    async def ModelConfig(self, request, context):
+        try:
+            mv = self.models.get(request.name, request.version)
+        except SalvoError as exc:
+            await _abort(context, exc)
+        return pb.ModelConfigResponse(config=config_to_proto(mv.config))
+
+    async def ModelStatistics(self, request, context):
+        out = pb.ModelStatisticsResponse()
+        if request.name:
+            try:
+                mv = self.models.get(request.name, request.version)
+            except SalvoError as exc:
+                await _abort(context, exc)
+            out.model_stats.append(mv.stats.to_proto())
+            return out
+        for entry in self.models.models.values():
+            for version in sorted(entry.versions):
+                out.model_stats.append(entry.versions[version].stats.to_proto())
+        return out
+
+    async def RepositoryIndex(self, request, context):
+        out = pb.RepositoryIndexResponse()
+        with contextlib.suppress(Exception):
+            for name in self.models.discover():
+                self.models.models.setdefault(name, _unloaded(name))
+        for name in sorted(self.models.models):
+            entry = self.models.models[name]
+            if request.ready and entry.state.value != "READY":
+                continue
+            versions: list[int | None] = [*sorted(entry.versions)] or [None]
+            for version in versions:
+                out.models.add(
+                    name=name,
+                    version="" if version is None else str(version),
+                    state=entry.state.value,
+                    reason=entry.reason,
+                )
+        return out
+
+    async def RepositoryModelLoad(self, request, context):
+        try:
+            await self.models.load(request.model_name)
+        except SalvoError as exc:
+            await _abort(context, exc)
+        finally:
+            if self.on_change is not None:
+                await self.on_change()
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):
+        try:
+            await self.models.unload(request.model_name)
+        except SalvoError as exc:
+            await _abort(context, exc)
+        finally:
+            if self.on_change is not None:
+                await self.on_change()
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline_ns: int | None
+    ) -> pb.ModelInferResponse:
+        start = time.monotonic_ns()
+        mv = self.models.get(request.model_name, request.model_version)
+        ok = False
+        try:
+            tensors = decode_inputs(request)
+            validated = validate_request(
+                mv.config,
+                mv.version,
+                request.id,
+                tensors,
+                [o.name for o in request.outputs],
+                _parameters(request),
+            )
+            arrays = await mv.scheduler.infer(validated, deadline_ns)
+            response = pb.ModelInferResponse(
+                model_name=mv.name, model_version=str(mv.version), id=request.id
+            )
+            specs = mv.config.outputs
+            encode_outputs(
+                response,
+                (
+                    (specs[i].name, specs[i].datatype, array)
+                    for i, array in zip(validated.outputs, arrays, strict=True)
+                ),
+            )
+            ok = True
+            return response
+        finally:
+            mv.stats.record_request(ok, time.monotonic_ns() - start)
+
+    async def ModelInfer(self, request, context):
+        remaining = context.time_remaining()
+        deadline_ns = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
+        try:
+            return await self._infer(request, deadline_ns)
+        except SalvoError as exc:
+            await _abort(context, exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Serve each request of the stream concurrently; answer each as soon as it is ready.
+
+        An error is answered in-band (error_message, with the request's id) and the stream
+        stays open. At most `stream_max_in_flight` requests of one stream run at once.
+        """
+        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.stream_max_in_flight)
+        tasks: set[asyncio.Task] = set()
+
+        async def serve_one(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, None)
+                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
+                _, message = status_for(exc)
+                failed = pb.ModelInferResponse(
+                    model_name=request.model_name,
+                    model_version=request.model_version,
+                    id=request.id,
+                )
+                responses.put_nowait(
+                    pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+                )
+            finally:
+                slots.release()
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(serve_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                responses.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+def _unloaded(name: str):
+    from .repository import ModelEntry
+
+    return ModelEntry(name)

@@ -1,0 +1,47 @@
+"""Triton's own benchmark client, perf_analyzer, drives Salvo unmodified (unary and streaming).
+
+`make test` installs it (benchmarks/setup_perf_analyzer.sh); run by hand, the test skips
+when that has not been done.
+"""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as tc
+
+ROOT = Path(__file__).resolve().parents[2]
+WRAPPER = ROOT / "benchmarks" / "perf_analyzer"
+
+
+def _installed() -> bool:
+    return subprocess.run([WRAPPER, "--version"], capture_output=True).returncode == 0
+
+
+pytestmark = pytest.mark.skipif(
+    not _installed(), reason="perf_analyzer not installed: run benchmarks/setup_perf_analyzer.sh"
+)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
+def test_perf_analyzer_measures_salvo(demo_server, tmp_path, streaming):
+    with tc.InferenceServerClient(demo_server.grpc_target) as client:
+        before = client.get_inference_statistics("mlp").model_stats[0].inference_count
+    out = tmp_path / "pa.csv"
+    cmd = [
+        str(WRAPPER), "-m", "mlp", "-i", "grpc", "-u", demo_server.grpc_target,
+        "-b", "1", "--concurrency-range", "4", "-p", "1000", "-s", "50",
+        "--max-trials", "4", "-f", str(out),
+    ]  # fmt: skip
+    cmd.append("--streaming" if streaming else "--async")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert rows and float(rows[0]["Inferences/Second"]) > 0
+    with tc.InferenceServerClient(demo_server.grpc_target) as client:
+        after = client.get_inference_statistics("mlp").model_stats[0].inference_count
+    # Every request perf_analyzer counted reached the model (it also sends warm-up ones).
+    assert after - before >= float(rows[0]["Inferences/Second"])

@@ -1,0 +1,120 @@
+"""Real Salvo servers for tests: `salvo serve` in its own process, on ports picked by the OS.
+
+The server is started as users start it, and readiness is awaited through gRPC health
+(Watch), never with sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+LISTENING = re.compile(r"listening grpc=([\w.:\[\]-]+):(\d+) http=([\w.:\[\]-]+):(\d+)")
+
+
+class ServerProcess:
+    """`salvo serve` on port 0 in a child process; a context manager."""
+
+    def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None):
+        self.repository = repository
+        self.extra = extra
+        self.env = {**os.environ, **(env or {})}
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self._listening = threading.Event()
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self, wait_ready: bool = True, timeout_s: float = 90) -> ServerProcess:
+        cmd = [
+            sys.executable, "-m", "salvo", "serve",
+            "--model-repository", str(self.repository),
+            "--grpc-port", "0", "--http-port", "0", *self.extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=self.env,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(timeout_s) or not self.grpc_port:
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        if wait_ready:
+            self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s)
+        return self
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+            match = LISTENING.search(line)
+            if match and not self._listening.is_set():
+                self.grpc_port = int(match.group(2))
+                self.http_port = int(match.group(4))
+                self._listening.set()
+        self._listening.set()  # the process ended: wake anyone waiting
+
+    def wait_health(self, status: int, timeout_s: float = 60, service: str = "") -> None:
+        """Block until gRPC health reports `status` (a Watch stream, no polling)."""
+        with grpc.insecure_channel(self.grpc_target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for response in stub.Watch(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            ):
+                if response.status == status:
+                    return
+
+    def wait_for_line(self, pattern: str, timeout_s: float = 60) -> str:
+        """Block until a log line matches `pattern` (a regex); returns the line."""
+        regex = re.compile(pattern)
+        with self._changed:
+            found = self._changed.wait_for(
+                lambda: any(regex.search(x) for x in self.lines) or self.proc.poll() is not None,
+                timeout_s,
+            )
+            match = next((x for x in self.lines if regex.search(x)), None)
+        if not found or match is None:
+            raise AssertionError(f"no log line matching {pattern!r}:\n{self.log()}")
+        return match
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
