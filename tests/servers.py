@@ -118,3 +118,73 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class InProcessServer:
+    """A real Salvo (real sockets, real gRPC) on its own event loop in a background thread.
+
+    For tests that need a model written in Python, such as one whose forward waits on an
+    event, passed in through `loader`. Clients still talk to it over the network.
+    """
+
+    def __init__(self, repository: Path, loader=None, **settings):
+        from salvo.settings import Settings
+
+        self.settings = Settings(
+            model_repository=repository, grpc_port=0, http_port=0, drain_timeout_s=5, **settings
+        )
+        self.loader = loader
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    def __enter__(self) -> InProcessServer:
+        import asyncio
+
+        from salvo.server import SalvoServer
+
+        async def main() -> None:
+            self.loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            self.server = SalvoServer(self.settings, self.loader)
+            try:
+                await self.server.start()
+            finally:
+                self._started.set()
+            await self._stop.wait()
+            await self.server.stop()
+
+        def run() -> None:
+            try:
+                asyncio.run(main())
+            except BaseException as exc:  # reported to the test by __enter__
+                self._error = exc
+                self._started.set()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        self._started.wait(60)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def call(self, coro, timeout_s: float = 30):
+        """Run a coroutine on the server's loop and return its result."""
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def scheduler(self, model: str):
+        return self.server.models.get(model).scheduler
+
+    def wait_queued(self, model: str, count: int, timeout_s: float = 30) -> None:
+        """Block until `count` requests of `model` wait in its queue (no polling)."""
+        scheduler = self.scheduler(model)
+        self.call(scheduler.wait_until(lambda: len(scheduler.queue) == count), timeout_s)
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)

@@ -44,7 +44,9 @@ class Entry:
     waiter: Any = None
     """Whatever the shell uses to answer the request (a future); opaque here."""
     cancelled: bool = False
-    """Set when the caller went away; a worker skips a cancelled entry before running it."""
+    """Set when the caller went away or its deadline passed; a worker never runs it then."""
+    started: bool = False
+    """Set by the worker that runs it; from then on it is no longer cancelled, only dropped."""
     seq: int = field(default=0)
 
 

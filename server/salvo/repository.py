@@ -11,6 +11,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from .scheduler import Scheduler
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[ModelConfig, Path], LoadedModel]
 
 
 class State(enum.Enum):
@@ -69,8 +72,10 @@ def list_versions(model_dir: Path) -> list[int]:
 class ModelManager:
     """Loads models from the repository and hands out the version a request names."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, loader: ModelLoader = LoadedModel.load) -> None:
         self.root = root
+        self.loader = loader
+        """Turns a config and a version directory into a model (a seam for test models)."""
         self.models: dict[str, ModelEntry] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -151,7 +156,7 @@ class ModelManager:
             )
         versions = {}
         for version in chosen:
-            model = LoadedModel.load(config, model_dir / str(version))
+            model = self.loader(config, model_dir / str(version))
             stats = ModelStats(name, version)
             versions[version] = ModelVersion(
                 name, version, config, model, Scheduler(model, stats, version), stats

@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import cast
 
@@ -81,6 +83,8 @@ class Scheduler:
             for i in range(self._instances)
         ]
         self._running: set[asyncio.Task] = set()
+        self._observers: list[tuple[Callable[[], bool], asyncio.Future]] = []
+        self._claim = threading.Lock()
         self._timer: asyncio.TimerHandle | None = None
         self._accepting = True
         self._task = asyncio.create_task(self._dispatch_loop(), name="salvo-dispatch")
@@ -109,6 +113,7 @@ class Scheduler:
         self.queue.append(entry)
         self._idle.clear()
         self._wake.set()
+        self._notify()
         try:
             if deadline_ns is None:
                 return await asyncio.shield(entry.waiter)
@@ -116,19 +121,44 @@ class Scheduler:
             try:
                 return await asyncio.wait_for(asyncio.shield(entry.waiter), timeout_s)
             except TimeoutError:
-                if self.queue.remove(entry) or entry.cancelled:
-                    entry.cancelled = True
-                    self._after_change()
+                if self._withdraw(entry):
                     raise DeadlineExceeded(
                         f"request timed out after waiting in the queue of model '{request.model}'"
                     ) from None
                 return await asyncio.shield(entry.waiter)  # already running: finish it
         except asyncio.CancelledError:
-            # The caller went away: drop the request if it has not started running.
-            entry.cancelled = True
-            if self.queue.remove(entry):
-                self._after_change()
+            self._withdraw(entry)  # the caller went away: never run it if it has not started
             raise
+
+    def _withdraw(self, entry: Entry) -> bool:
+        """Cancel `entry` unless a worker has started it; True if it will never run."""
+        with self._claim:
+            if entry.started:
+                return False
+            entry.cancelled = True
+        self.queue.remove(entry)
+        self._after_change()
+        return True
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds; it is re-checked whenever the queue changes.
+
+        For drains and tests that must know a request is queued, without polling.
+        """
+        if predicate():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._observers.append((predicate, waiter))
+        try:
+            await waiter
+        finally:
+            with contextlib.suppress(ValueError):
+                self._observers.remove((predicate, waiter))
+
+    def _notify(self) -> None:
+        for predicate, waiter in self._observers:
+            if not waiter.done() and predicate():
+                waiter.set_result(None)
 
     def _deadline(self, request: InferRequest, now: int, deadline_ns: int | None) -> int | None:
         timeout_us = request.parameters.get("timeout")
@@ -145,6 +175,7 @@ class Scheduler:
     def _after_change(self) -> None:
         if not self.queue and not self.in_flight:
             self._idle.set()
+        self._notify()
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -218,7 +249,10 @@ class Scheduler:
 
     def _run_batch(self, batch: list[Entry]) -> tuple[list[Entry], _Outputs, Timings]:
         """On an instance's worker thread: assemble, run, and return the outputs."""
-        ran = [e for e in batch if not e.cancelled]
+        with self._claim:
+            ran = [e for e in batch if not e.cancelled]
+            for entry in ran:
+                entry.started = True
         if not ran:
             return ran, [], Timings(0, 0, 0)
         start = time.perf_counter_ns()

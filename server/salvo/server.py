@@ -24,7 +24,7 @@ from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
-from .repository import ModelManager, State
+from .repository import ModelLoader, ModelManager, State
 from .servicer import InferenceServicer
 from .settings import Settings
 
@@ -48,9 +48,13 @@ def _add_to_pool(file_descriptor) -> None:
 class SalvoServer:
     """One Salvo process: its ports, its models, its lifecycle."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
         self.settings = settings
-        self.models = ModelManager(settings.model_repository)
+        self.models = (
+            ModelManager(settings.model_repository)
+            if loader is None
+            else ModelManager(settings.model_repository, loader)
+        )
         self.registry = CollectorRegistry()
         self.ready = asyncio.Event()
         self.grpc_port = 0

@@ -1,0 +1,194 @@
+"""The batch queue's rules, by example and under arbitrary interleavings (hypothesis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from salvo.batch_queue import BatchQueue, Entry
+from salvo.errors import Overloaded
+
+
+@dataclass(frozen=True)
+class Req:
+    id: int
+    rows: int = 1
+    signature: tuple = ("a",)
+
+
+def entry(i, rows=1, sig=("a",), t=0, priority=0, deadline=None):
+    return Entry(Req(i, rows, sig), enqueued_ns=t, priority=priority, deadline_ns=deadline)
+
+
+def ids(batch):
+    return [e.request.id for e in batch]
+
+
+def test_free_instance_takes_everything_queued_up_to_max_rows():
+    q = BatchQueue(8)
+    for i, rows in enumerate([3, 3, 3, 1]):
+        q.append(entry(i, rows))
+    assert ids(q.next_batch(0)) == [0, 1]  # 6 rows; the 3-row request would make 9
+    assert ids(q.next_batch(0)) == [2, 3]
+    assert q.next_batch(0) is None and len(q) == 0 and q.rows == 0
+
+
+def test_only_equal_signatures_share_a_batch():
+    q = BatchQueue(8)
+    for i, sig in enumerate(["a", "b", "a", "b"]):
+        q.append(entry(i, sig=(sig,)))
+    assert ids(q.next_batch(0)) == [0, 2]
+    assert ids(q.next_batch(0)) == [1, 3]
+
+
+def test_without_batching_each_request_runs_alone():
+    q = BatchQueue(0)
+    q.append(entry(0))
+    q.append(entry(1))
+    assert ids(q.next_batch(0)) == [0]
+
+
+def test_preferred_sizes_wait_up_to_the_delay_then_go():
+    q = BatchQueue(8, preferred_batch_sizes=(4,), max_queue_delay_ns=1000)
+    for i in range(3):
+        q.append(entry(i, t=0))
+    assert q.next_batch(500) is None  # 3 rows, no preferred size yet, delay not over
+    assert q.hold_until_ns() == 1000
+    assert ids(q.next_batch(1000)) == [0, 1, 2]  # delay over: what there is goes
+
+
+def test_largest_fillable_preferred_size_goes_at_once():
+    q = BatchQueue(8, preferred_batch_sizes=(2, 4), max_queue_delay_ns=10**9)
+    for i in range(6):
+        q.append(entry(i))
+    assert ids(q.next_batch(0)) == [0, 1, 2, 3]
+    assert ids(q.next_batch(0)) == [4, 5]
+
+
+def test_full_queue_rejects_and_leaves_the_rest_alone():
+    q = BatchQueue(8, max_queue_size=2)
+    q.append(entry(0))
+    q.append(entry(1))
+    with pytest.raises(Overloaded, match="queue full"):
+        q.append(entry(2))
+    assert ids(q.next_batch(0)) == [0, 1]
+
+
+def test_priority_levels_then_fifo():
+    q = BatchQueue(1, priority_levels=3, default_priority_level=2)
+    q.append(entry(0, priority=3))
+    q.append(entry(1))  # default: 2
+    q.append(entry(2, priority=1))
+    q.append(entry(3, priority=9))  # out of range: default
+    assert [ids(q.next_batch(0)) for _ in range(4)] == [[2], [1], [3], [0]]
+
+
+def test_expire_and_remove():
+    q = BatchQueue(8)
+    a, b, c = entry(0, deadline=10), entry(1), entry(2, deadline=100)
+    for e in (a, b, c):
+        q.append(e)
+    assert q.expire(50) == [a]
+    assert q.remove(b) and not q.remove(b)
+    assert ids(q.next_batch(60)) == [2]
+
+
+# -- any interleaving ---------------------------------------------------------------------
+
+append = st.tuples(
+    st.just("append"),
+    st.integers(1, 4),  # rows
+    st.sampled_from(["a", "b"]),  # signature
+    st.integers(0, 3),  # priority (0: default)
+    st.one_of(st.none(), st.integers(1, 50)),  # deadline, relative
+)
+cancel = st.tuples(st.just("cancel"), st.integers(0, 200))
+tick = st.tuples(st.just("tick"), st.integers(1, 30))
+dispatch = st.tuples(st.just("dispatch"))
+ops = st.lists(st.one_of(append, cancel, tick, dispatch), max_size=80)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    ops=ops,
+    max_batch=st.integers(0, 8),
+    max_queue=st.integers(0, 6),
+    preferred=st.lists(st.integers(1, 8), max_size=3),
+    delay=st.integers(0, 20),
+    levels=st.integers(0, 3),
+)
+def test_every_request_answered_exactly_once(ops, max_batch, max_queue, preferred, delay, levels):
+    q = BatchQueue(
+        max_batch,
+        max_queue_size=max_queue,
+        preferred_batch_sizes=tuple(preferred),
+        max_queue_delay_ns=delay,
+        priority_levels=levels,
+    )
+    now = 0
+    entries: list[Entry] = []
+    fate: dict[int, str] = {}  # id -> how it was answered
+    gone_at: dict[int, int] = {}  # id -> when it was cancelled or expired
+
+    def run(batch: list[Entry]) -> None:
+        assert batch, "a batch is never empty"
+        assert len({e.request.signature for e in batch}) == 1
+        rows = sum(e.request.rows for e in batch)
+        assert max_batch <= 0 or rows <= max_batch
+        if max_batch <= 0:
+            assert len(batch) == 1
+        head_level = min(e.priority for e in batch)
+        assert all(e.priority >= head_level for e in q)  # nothing better was left behind
+        for e in batch:
+            assert e.request.id not in fate, "answered twice"
+            assert not e.cancelled, "ran after its cancel"
+            assert e.deadline_ns is None or e.deadline_ns > now, "ran after its deadline"
+            fate[e.request.id] = "ran"
+
+    def expire() -> None:
+        for e in q.expire(now):
+            assert e.request.id not in fate
+            fate[e.request.id] = "expired"
+
+    for op in ops:
+        if op[0] == "append":
+            _, rows, sig, priority, deadline = op
+            e = Entry(
+                Req(len(entries), min(rows, max(max_batch, 1)), (sig,)),
+                enqueued_ns=now,
+                priority=priority,
+                deadline_ns=None if deadline is None else now + deadline,
+            )
+            entries.append(e)
+            try:
+                q.append(e)
+            except Overloaded:
+                assert max_queue and len(q) == max_queue
+                fate[e.request.id] = "rejected"
+        elif op[0] == "cancel" and entries:
+            e = entries[op[1] % len(entries)]
+            if q.remove(e):
+                e.cancelled = True
+                fate[e.request.id] = "cancelled"
+                gone_at[e.request.id] = now
+        elif op[0] == "tick":
+            now += op[1]
+            expire()
+        elif op[0] == "dispatch":
+            expire()
+            batch = q.next_batch(now)
+            if batch is not None:
+                run(batch)
+        assert q.rows == sum(e.request.rows for e in q)
+        assert len(q) == len(list(q))
+
+    # Drain: past every hold, the queue empties and every request has one answer.
+    now += delay + 1
+    expire()
+    while (batch := q.next_batch(now)) is not None:
+        run(batch)
+    assert len(q) == 0 and q.rows == 0
+    assert sorted(fate) == list(range(len(entries)))
