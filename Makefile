@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit protos demo-repo perf-venv clean
+.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,9 @@ perf-venv:
 
 test: $(STAMP) perf-venv lint typecheck
 	$(BIN)/pytest
+
+bench-batching: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/batching.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

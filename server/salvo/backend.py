@@ -161,7 +161,32 @@ class LoadedModel:
             raise ConfigError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
         return cls(config, path, module, device)
 
-    def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], Timings]:
+    def assemble(self, requests: Sequence[Sequence[np.ndarray]]) -> list[Any]:
+        """One contiguous buffer per input, from several requests' arrays (config order).
+
+        On the CPU these are numpy arrays. On CUDA they are pinned host tensors, so that
+        each input crosses to the device in one asynchronous copy.
+        """
+        if len(requests) == 1 and self.device.type == "cpu":
+            return list(requests[0])
+        buffers: list[Any] = []
+        for i in range(len(self.config.inputs)):
+            parts = [arrays[i] for arrays in requests]
+            if self.device.type == "cpu":
+                buffers.append(np.concatenate(parts))
+                continue
+            rows = sum(part.shape[0] for part in parts) if self.config.max_batch_size else 0
+            shape = (rows, *parts[0].shape[1:]) if rows else parts[0].shape
+            dtype = torch.from_numpy(np.empty(0, parts[0].dtype)).dtype
+            buffer = torch.empty(shape, dtype=dtype, pin_memory=True)
+            if len(parts) == 1:
+                buffer.numpy()[...] = parts[0]
+            else:
+                np.concatenate(parts, out=buffer.numpy())
+            buffers.append(buffer)
+        return buffers
+
+    def run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], Timings]:
         """Run one forward pass on `inputs` (config input order); outputs in config order.
 
         Raises ModelFailed when the model raises or returns the wrong number, dtype or rows.
@@ -228,11 +253,11 @@ class LoadedModel:
         return arrays
 
 
-def _to_torch(array: np.ndarray, datatype: str, device: torch.device) -> torch.Tensor:
+def _to_torch(array: Any, datatype: str, device: torch.device) -> torch.Tensor:
+    """A request's array (or an assembled pinned tensor) as a tensor on `device`."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
     if datatype == "BF16":
-        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(array)
+        tensor = tensor.view(torch.bfloat16)
     return tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
 
 

@@ -8,9 +8,16 @@ Policy (Triton's vocabulary):
 - Priority levels run highest first (level 1 is the highest); FIFO within a level.
 - A batch holds requests with the head request's signature (non-batch shapes and requested
   outputs), in queue order, up to `max_batch_size` rows. Rows, not requests, are counted.
-- Without preferred batch sizes a free instance takes whatever is queued: no added latency.
+- A free instance takes whatever is queued, with one exception below: at low load a request
+  waits for nothing.
+- Expected returns: each answered row is counted as a row about to come back (a client in a
+  closed loop sends its next request), and each arriving row cancels one. While rows are
+  expected, a free instance holds a batch that is not full for at most
+  `max_queue_delay_ns`, so under load batches fill up instead of splitting in two. At low
+  load the row that comes back has arrived before the instance asks, so nothing waits;
+  a hold that times out forgets what it expected (clients that left).
 - With preferred sizes, the largest preferred size that the queue can fill goes at once;
-  a smaller batch waits until its oldest request has waited `max_queue_delay_ns`.
+  a smaller batch waits until `max_queue_delay_ns` has passed.
 """
 
 from __future__ import annotations
@@ -74,6 +81,9 @@ class BatchQueue:
         self._size = 0
         self._rows = 0
         self._seq = 0
+        self.expected_rows = 0
+        """Rows answered whose clients have not sent again yet (see the module doc)."""
+        self._free_since_ns = 0
 
     def __len__(self) -> int:
         return self._size
@@ -99,6 +109,12 @@ class BatchQueue:
         self._queues[entry.priority - 1].append(entry)
         self._size += 1
         self._rows += entry.request.rows
+        self.expected_rows = max(self.expected_rows - entry.request.rows, 0)
+
+    def completed(self, rows: int, now_ns: int) -> None:
+        """A batch of `rows` was answered: expect that many rows back."""
+        self.expected_rows += rows
+        self._free_since_ns = now_ns
 
     def remove(self, entry: Entry) -> bool:
         """Take `entry` out if it is still queued; False if it already left."""
@@ -135,9 +151,15 @@ class BatchQueue:
     def hold_until_ns(self) -> int | None:
         """When a batch held back for a preferred size must go anyway; None if none waits."""
         head = self.head()
-        if head is None or not self.preferred:
+        if head is None or not self.max_queue_delay_ns:
             return None
-        return head.enqueued_ns + self.max_queue_delay_ns
+        return self._hold_deadline(head)
+
+    def _hold_deadline(self, head: Entry) -> int:
+        # Preferred sizes wait from the head's arrival (Triton's rule); expected returns
+        # wait from the moment the batch could have gone.
+        since = head.enqueued_ns if self.preferred else max(head.enqueued_ns, self._free_since_ns)
+        return since + self.max_queue_delay_ns
 
     def next_batch(self, now_ns: int) -> list[Entry] | None:
         """The entries to run on a free instance now, removed from the queue.
@@ -161,12 +183,17 @@ class BatchQueue:
                 break
             chosen.append(entry)
             rows += entry.request.rows
+        hold_until = self._hold_deadline(head)
         if self.preferred and rows not in self.preferred:
             fits = [p for p in self.preferred if p <= rows]
             if fits:
                 chosen = _trim(chosen, fits[-1])
-            elif now_ns - head.enqueued_ns < self.max_queue_delay_ns:
+            elif now_ns < hold_until:
                 return None
+        elif not self.preferred and rows < self.max_batch_size and self.expected_rows:
+            if now_ns < hold_until:
+                return None
+            self.expected_rows = 0  # they did not come: stop expecting them
         for entry in chosen:
             self.remove(entry)
         return chosen

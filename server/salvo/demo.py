@@ -296,7 +296,7 @@ def _build_resnet(model_dir: Path) -> None:
         outputs=(TensorConfig(name="output", datatype="FP32", dims=(10,)),),
         device="auto",
         instance_count=1,
-        dynamic_batching=DynamicBatchingConfig(max_queue_delay_us=2000),
+        dynamic_batching=DynamicBatchingConfig(max_queue_delay_us=10000),
     )
     version_dir = _save_version(model_dir, config)
     _save_torchscript(model, version_dir / "model.pt")

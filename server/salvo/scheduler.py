@@ -22,7 +22,6 @@ import numpy as np
 from .backend import LoadedModel, Timings
 from .batch_queue import BatchQueue, Entry
 from .errors import (
-    Cancelled,
     DeadlineExceeded,
     ModelFailed,
     ModelUnavailable,
@@ -44,6 +43,8 @@ def _set_result(future: asyncio.Future, value: object) -> None:
 def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+        # Mark it retrieved: a caller that already left must not leave a warning behind.
+        future.exception()
 
 
 class Scheduler:
@@ -224,6 +225,7 @@ class Scheduler:
                     self._executors[instance], self._run_batch, batch
                 )
             except SalvoError as exc:
+                log.warning("batch of %d failed: %s", len(batch), exc.message)
                 for entry in batch:
                     _set_exception(entry.waiter, exc)
                 return
@@ -234,7 +236,7 @@ class Scheduler:
                 return
             for entry in batch:
                 if entry not in ran:
-                    _set_exception(entry.waiter, Cancelled("request cancelled before it ran"))
+                    entry.waiter.cancel()  # its caller left; nobody waits for an answer
             if ran:
                 rows = sum(e.request.rows for e in ran)
                 self.stats.record_batch(
@@ -242,6 +244,7 @@ class Scheduler:
                 )
                 self._answer(ran, outputs)
         finally:
+            self.queue.completed(sum(e.request.rows for e in batch), time.monotonic_ns())
             self.in_flight -= len(batch)
             self._free.append(instance)
             self._wake.set()
@@ -256,14 +259,7 @@ class Scheduler:
         if not ran:
             return ran, [], Timings(0, 0, 0)
         start = time.perf_counter_ns()
-        requests = [_request(e) for e in ran]
-        if len(requests) == 1:
-            inputs = list(requests[0].inputs)
-        else:
-            inputs = [
-                np.concatenate([r.inputs[i] for r in requests])
-                for i in range(len(requests[0].inputs))
-            ]
+        inputs = self.model.assemble([_request(e).inputs for e in ran])
         assembled = time.perf_counter_ns() - start
         outputs, timings = self.model.run(inputs)
         return (

@@ -1,0 +1,141 @@
+"""Shared pieces of the benchmark scripts: a server process, perf_analyzer runs, raw models,
+the machine's description and RESULTS.md sections."""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.servers import ServerProcess  # noqa: E402  (a real `salvo serve`, on port 0)
+
+PERF_ANALYZER = ROOT / "benchmarks" / "perf_analyzer"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem_gib:.0f} GiB, {gpu}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+@dataclass
+class Measurement:
+    """One perf_analyzer concurrency level."""
+
+    concurrency: int
+    throughput: float
+    p50_us: float
+    p99_us: float
+    avg_batch: float
+
+
+def perf_analyzer(
+    target: str,
+    model: str,
+    concurrency: int,
+    *,
+    window_ms: int = 2000,
+    streaming: bool = False,
+    extra: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """One perf_analyzer run at one concurrency; its CSV row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "pa.csv"
+        cmd = [
+            str(PERF_ANALYZER), "-m", model, "-i", "grpc", "-u", target, "-b", "1",
+            "--concurrency-range", str(concurrency), "-p", str(window_ms), "-s", "25",
+            "--max-trials", "6", "-f", str(out), "--streaming" if streaming else "--async",
+            *extra,
+        ]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise RuntimeError(f"perf_analyzer failed:\n{result.stdout}\n{result.stderr}")
+        return next(csv.DictReader(out.open()))
+
+
+def batch_counts(target: str, model: str) -> tuple[int, int]:
+    """(inference_count, execution_count) of a model, from ModelStatistics."""
+    import tritonclient.grpc as tc
+
+    with tc.InferenceServerClient(target) as client:
+        s = client.get_inference_statistics(model).model_stats[0]
+    return s.inference_count, s.execution_count
+
+
+def measure(target: str, model: str, concurrency: int, **kwargs) -> Measurement:
+    before = batch_counts(target, model)
+    row = perf_analyzer(target, model, concurrency, **kwargs)
+    after = batch_counts(target, model)
+    executions = max(after[1] - before[1], 1)
+    return Measurement(
+        concurrency,
+        float(row["Inferences/Second"]),
+        float(row["p50 latency"]),
+        float(row["p99 latency"]),
+        (after[0] - before[0]) / executions,
+    )
+
+
+def raw_throughput(model_file: Path, shape: tuple[int, ...], batch: int, seconds: float = 2.0):
+    """Samples per second of the model file in a tight loop at `batch` (torch's threads)."""
+    import torch
+
+    if model_file.suffix == ".pt":
+        module = torch.jit.load(str(model_file))
+    else:
+        module = torch.export.load(str(model_file)).module()
+    x = torch.rand((batch, *shape))
+    with torch.inference_mode():
+        for _ in range(3):
+            module(x)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            module(x)
+            count += 1
+        elapsed = time.perf_counter() - start
+    return count * batch / elapsed
+
+
+def write_section(title: str, body: str) -> None:
+    """Replace (or append) the `## title` section of RESULTS.md."""
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = f"## {title}\n\n{body.strip()}\n"
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = (
+        pattern.sub(lambda _: section + "\n", text)
+        if pattern.search(text)
+        else (text.rstrip() + "\n\n" + section)
+    )
+    RESULTS.write_text(text.rstrip() + "\n")
+
+
+def today() -> str:
+    return date.today().isoformat()
+
+
+__all__ = ["ServerProcess", "machine", "measure", "raw_throughput", "write_section", "today"]
