@@ -115,7 +115,10 @@ def _load_exported(path: Path, device: torch.device) -> Any:
                 data = b""  # example inputs are pickled; serving does not need them
             dst.writestr(info, data)
     buffer.seek(0)
-    program = torch.export.load(buffer)
+    with warnings.catch_warnings():
+        # Weights are read straight from the archive's bytes, which are never written.
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        program = torch.export.load(buffer)
     return program.module().to(device)
 
 

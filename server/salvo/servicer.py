@@ -46,8 +46,11 @@ def _parameters(request: pb.ModelInferRequest) -> dict[str, object]:
     return params
 
 
-def config_to_proto(config: ModelConfig) -> mc.ModelConfig:
-    """The config as Triton's ModelConfig message (what perf_analyzer reads)."""
+def config_to_proto(config: ModelConfig, device_type: str = "cpu") -> mc.ModelConfig:
+    """The config as Triton's ModelConfig message (what perf_analyzer reads).
+
+    `device_type` is where the model was loaded ("cuda" or "cpu"), which `auto` leaves open.
+    """
     out = mc.ModelConfig(
         name=config.name,
         platform="pytorch_libtorch",
@@ -63,9 +66,7 @@ def config_to_proto(config: ModelConfig) -> mc.ModelConfig:
             name=spec.name, data_type=mc.DataType.Value(_enum(spec.datatype)), dims=spec.dims
         )
     kind = (
-        mc.ModelInstanceGroup.KIND_GPU
-        if "cuda" in config.device
-        else mc.ModelInstanceGroup.KIND_CPU
+        mc.ModelInstanceGroup.KIND_GPU if device_type == "cuda" else mc.ModelInstanceGroup.KIND_CPU
     )
     out.instance_group.add(name=config.name, count=config.instance_count, kind=kind)
     policy = config.version_policy
@@ -162,7 +163,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             mv = self.models.get(request.name, request.version)
         except SalvoError as exc:
             await _abort(context, exc)
-        return pb.ModelConfigResponse(config=config_to_proto(mv.config))
+        return pb.ModelConfigResponse(config=config_to_proto(mv.config, mv.model.device.type))
 
     async def ModelStatistics(self, request, context):
         out = pb.ModelStatisticsResponse()

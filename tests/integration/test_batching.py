@@ -79,6 +79,13 @@ class Sender:
 
         return self.client.async_infer(self.model, [x], done, request_id=str(row_id), **kwargs)
 
+    def send_in_order(self, server, calls, already_queued: int = 0) -> None:
+        """Send each (row_id, kwargs) once the one before it is queued: arrival order is the
+        order sent (concurrent calls from the client race one another)."""
+        for n, (row_id, kwargs) in enumerate(calls, start=already_queued + 1):
+            self.send(row_id, **kwargs)
+            server.wait_queued(self.model, n)
+
     def collect(self, count: int) -> dict[float, tuple]:
         answers = [self.results.get(timeout=30) for _ in range(count)]
         return {row_id: (out, err) for row_id, out, err in answers}
@@ -95,9 +102,12 @@ def test_concurrent_requests_form_the_predicted_batches(server, client, loader):
     sender = Sender(client, "batch")
     sender.send(0)  # an idle server runs it at once; it holds the only instance
     model.wait_batches(1)
-    for row_id in (1, 2, 3, 4, 5):
+    # One at a time, so that arrival order is the order sent (the client's calls race).
+    for queued, row_id in enumerate((1, 2, 3, 4, 5), start=1):
         sender.send(row_id)
+        server.wait_queued("batch", queued)
     sender.send(6, rows=3)  # rows, not requests: 5 + 3 = 8 = max_batch_size
+    server.wait_queued("batch", 6)
     sender.send(7)  # the ninth row waits for the next batch
     server.wait_queued("batch", 7)
     model.release(3)
@@ -119,7 +129,8 @@ def test_full_queue_rejects_exactly_the_overflow_with_pushback(server, client, l
     sender = Sender(client, "bounded")
     sender.send(0)
     model.wait_batches(1)
-    for row_id in range(1, 8):  # max_queue_size 4, plus k = 3
+    sender.send_in_order(server, [(row_id, {}) for row_id in (1, 2, 3, 4)])  # max_queue_size 4
+    for row_id in (5, 6, 7):  # k = 3 more
         sender.send(row_id)
     # The overflow is answered at once, while the model is still held.
     rejected = sender.collect(3)
@@ -196,9 +207,7 @@ def test_a_raising_batch_fails_only_its_own_requests(server, client, loader):
     model.hold()
     sender.send(0)
     model.wait_batches(2)
-    sender.send(POISON)
-    sender.send(2)
-    server.wait_queued("faulty", 2)
+    sender.send_in_order(server, [(POISON, {}), (2, {})])
     model.release()  # batch [0] finishes; [POISON, 2] starts and waits
     model.wait_batches(3)
     sender.send(3)
@@ -219,9 +228,9 @@ def test_mixed_shapes_never_share_a_batch(server, client, loader):
     sender = Sender(client, "shapes")
     sender.send(0, width=2)
     model.wait_batches(1)
-    for row_id, width in ((1, 2), (2, 3), (3, 2), (4, 3)):
-        sender.send(row_id, width=width)
-    server.wait_queued("shapes", 4)
+    sender.send_in_order(
+        server, [(row_id, {"width": width}) for row_id, width in ((1, 2), (2, 3), (3, 2), (4, 3))]
+    )
     model.open()
     answers = sender.collect(5)
     assert all(err is None for _, err in answers.values())
@@ -244,10 +253,8 @@ def test_higher_priority_runs_first(server, client, loader):
     sender = Sender(client, "priority")
     sender.send(0)
     model.wait_batches(1)
-    sender.send(1)  # default level 2
-    sender.send(2, priority=1)  # level 1 is the highest
-    sender.send(3, priority=2)
-    server.wait_queued("priority", 3)
+    # 1 has the default level 2; level 1 is the highest.
+    sender.send_in_order(server, [(1, {}), (2, {"priority": 1}), (3, {"priority": 2})])
     model.open()
     answers = sender.collect(4)
     assert all(err is None for _, err in answers.values())
