@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching clean
+.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +46,9 @@ test: $(STAMP) perf-venv lint typecheck
 
 bench-batching: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/batching.py
+
+bench-cache: $(STAMP)
+	$(BIN)/python benchmarks/cache.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

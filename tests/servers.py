@@ -185,6 +185,24 @@ class InProcessServer:
         scheduler = self.scheduler(model)
         self.call(scheduler.wait_until(lambda: len(scheduler.queue) == count), timeout_s)
 
+    def until(self, predicate, timeout_s: float = 30) -> None:
+        """Block until `predicate()` holds, checked on the server's loop between its tasks.
+
+        For state with no event of its own (cache counters): the loop yields to the server's
+        work between checks, so it sees each change as soon as it happens.
+        """
+        import asyncio
+        import time
+
+        async def check() -> None:
+            deadline = time.monotonic() + timeout_s
+            while not predicate():
+                if time.monotonic() > deadline:
+                    raise AssertionError("condition not reached")
+                await asyncio.sleep(0)
+
+        self.call(check(), timeout_s + 5)
+
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)

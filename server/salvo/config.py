@@ -73,6 +73,12 @@ class DynamicBatchingConfig(_Strict):
     default_priority_level: int = Field(default=0, ge=0)
 
 
+class ResponseCacheConfig(_Strict):
+    """Triton's response_cache block: whether this model's responses may be cached."""
+
+    enable: bool = False
+
+
 class VersionPolicy(_Strict):
     """Which versions serve: the `latest` N (default 1), `all`, or a `specific` list."""
 
@@ -108,6 +114,7 @@ class ModelConfig(_Strict):
     instance_count: int = Field(default=1, ge=1, le=64)
     dynamic_batching: DynamicBatchingConfig | None = None
     version_policy: VersionPolicy = VersionPolicy()
+    response_cache: ResponseCacheConfig = ResponseCacheConfig()
     parameters: dict[str, str] = {}
 
     @field_validator("device")

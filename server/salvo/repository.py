@@ -72,8 +72,15 @@ def list_versions(model_dir: Path) -> list[int]:
 class ModelManager:
     """Loads models from the repository and hands out the version a request names."""
 
-    def __init__(self, root: Path, loader: ModelLoader = LoadedModel.load) -> None:
+    def __init__(
+        self,
+        root: Path,
+        loader: ModelLoader = LoadedModel.load,
+        on_swap: Callable[[str], object] | None = None,
+    ) -> None:
         self.root = root
+        self.on_swap = on_swap
+        """Called with a model's name whenever its versions change (the cache drops them)."""
         self.loader = loader
         """Turns a config and a version directory into a model (a seam for test models)."""
         self.models: dict[str, ModelEntry] = {}
@@ -133,6 +140,8 @@ class ModelManager:
                 await mv.scheduler.start()
             entry.config = next(iter(versions.values())).config
             entry.versions = versions
+            if self.on_swap is not None:
+                self.on_swap(name)
             entry.state = State.READY
             entry.reason = ""
             entry.load_seconds = time.monotonic() - started
@@ -171,6 +180,8 @@ class ModelManager:
             raise ModelNotFound(f"model '{name}' is not in the repository")
         async with self._locks.setdefault(name, asyncio.Lock()):
             versions, entry.versions = entry.versions, {}
+            if self.on_swap is not None:
+                self.on_swap(name)
             entry.wanted = False
             entry.state = State.UNLOADING
             for mv in versions.values():

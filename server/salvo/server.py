@@ -24,6 +24,7 @@ from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
+from .cache import ResponseCache
 from .repository import ModelLoader, ModelManager, State
 from .servicer import InferenceServicer
 from .settings import Settings
@@ -45,15 +46,49 @@ def _add_to_pool(file_descriptor) -> None:
     POOL.Add(proto)
 
 
+def _serialize_response(response: pb.ModelInferResponse | bytes) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class _Capture:
+    """Stands in for a server to catch the generated code's method handlers."""
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the v2 service; ModelInfer may answer with ready serialized bytes.
+
+    A cached response is stored serialized, so the hot path of a cache hit appends the
+    caller's id to those bytes instead of building and serializing a message.
+    """
+    capture = _Capture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = dict(capture.handlers)
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
+        response_serializer=_serialize_response
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),)
+    )
+    server.add_registered_method_handlers(capture.service, handlers)
+
+
 class SalvoServer:
     """One Salvo process: its ports, its models, its lifecycle."""
 
     def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
         self.settings = settings
+        self.cache = ResponseCache(settings.cache_max_bytes) if settings.cache_max_bytes else None
+        on_swap = self.cache.drop_model if self.cache is not None else None
         self.models = (
-            ModelManager(settings.model_repository)
+            ModelManager(settings.model_repository, on_swap=on_swap)
             if loader is None
-            else ModelManager(settings.model_repository, loader)
+            else ModelManager(settings.model_repository, loader, on_swap=on_swap)
         )
         self.registry = CollectorRegistry()
         self.ready = asyncio.Event()
@@ -73,9 +108,13 @@ class SalvoServer:
         ]
         self.server = grpc.aio.server(options=options)
         self.servicer = InferenceServicer(
-            self.models, self.ready, s.stream_max_in_flight, on_change=self.refresh_health
+            self.models,
+            self.ready,
+            s.stream_max_in_flight,
+            on_change=self.refresh_health,
+            cache=self.cache,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        add_inference_service(self.servicer, self.server)
         self.health = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for module in (health_pb2, reflection_pb2):

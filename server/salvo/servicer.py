@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -19,13 +20,16 @@ from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto import model_config_pb2 as mc
 
 from . import __version__
+from .cache import ResponseCache
 from .codec import decode_inputs, encode_outputs
 from .config import ModelConfig
-from .errors import InvalidRequest, Overloaded, SalvoError, status_for
-from .repository import ModelManager
-from .validation import validate_request
+from .errors import DeadlineExceeded, InvalidRequest, Overloaded, SalvoError, status_for
+from .repository import ModelManager, ModelVersion
+from .validation import InferRequest, validate_request
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
@@ -44,6 +48,27 @@ def _parameters(request: pb.ModelInferRequest) -> dict[str, object]:
         if isinstance(value, int) and value < 0:
             raise InvalidRequest(f"parameter '{key}' must not be negative, got {value}")
     return params
+
+
+def _cacheable(parameters: dict[str, object]) -> bool:
+    """False when the request asks to bypass the cache (`cache`: false or "bypass")."""
+    value = parameters.get("cache", True)
+    if isinstance(value, str):
+        return value.lower() not in ("false", "bypass", "off", "0", "no")
+    return bool(value)
+
+
+def _id_field(request_id: str) -> bytes:
+    """ModelInferResponse.id as wire bytes, to append to a cached serialized response."""
+    return pb.ModelInferResponse(id=request_id).SerializeToString() if request_id else b""
+
+
+async def _within(awaitable: Awaitable[_T], deadline_ns: int) -> _T:
+    timeout_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except TimeoutError:
+        raise DeadlineExceeded("deadline passed while waiting for the response") from None
 
 
 def config_to_proto(config: ModelConfig, device_type: str = "cpu") -> mc.ModelConfig:
@@ -116,8 +141,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ready: asyncio.Event,
         stream_max_in_flight: int = 256,
         on_change: Callable[[], Awaitable[None]] | None = None,
+        cache: ResponseCache | None = None,
     ):
         self.models = models
+        self.cache = cache
         self.on_change = on_change
         self.ready = ready
         self.stream_max_in_flight = stream_max_in_flight
@@ -220,36 +247,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline_ns: int | None
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
+        """One inference: a response message, or serialized bytes when the cache served it."""
         start = time.monotonic_ns()
         mv = self.models.get(request.model_name, request.model_version)
         ok = False
         try:
             tensors = decode_inputs(request)
+            parameters = _parameters(request)
+            outputs = [o.name for o in request.outputs]
             validated = validate_request(
-                mv.config,
-                mv.version,
-                request.id,
-                tensors,
-                [o.name for o in request.outputs],
-                _parameters(request),
+                mv.config, mv.version, request.id, tensors, outputs, parameters
             )
+            cache = self.cache
+            if cache is not None and mv.config.response_cache.enable and _cacheable(parameters):
+                key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
+                lookup = cache.get_or_compute(key, mv.name, lambda: self._serialized(mv, validated))
+                if deadline_ns is None:
+                    value, outcome = await lookup
+                else:
+                    value, outcome = await _within(lookup, deadline_ns)
+                elapsed = time.monotonic_ns() - start
+                if outcome == "miss":
+                    mv.stats.cache_miss.add(elapsed)
+                else:  # a hit, or coalesced onto another request's computation
+                    mv.stats.cache_hit.add(elapsed)
+                    mv.stats.inference_count += validated.rows
+                ok = True
+                return value + _id_field(request.id)
             arrays = await mv.scheduler.infer(validated, deadline_ns)
-            response = pb.ModelInferResponse(
-                model_name=mv.name, model_version=str(mv.version), id=request.id
-            )
-            specs = mv.config.outputs
-            encode_outputs(
-                response,
-                (
-                    (specs[i].name, specs[i].datatype, array)
-                    for i, array in zip(validated.outputs, arrays, strict=True)
-                ),
-            )
+            response = self._response(mv, validated, arrays, request.id)
             ok = True
             return response
         finally:
             mv.stats.record_request(ok, time.monotonic_ns() - start)
+
+    def _response(
+        self, mv: ModelVersion, request: InferRequest, arrays: list, request_id: str
+    ) -> pb.ModelInferResponse:
+        response = pb.ModelInferResponse(
+            model_name=mv.name, model_version=str(mv.version), id=request_id
+        )
+        specs = mv.config.outputs
+        encode_outputs(
+            response,
+            (
+                (specs[i].name, specs[i].datatype, array)
+                for i, array in zip(request.outputs, arrays, strict=True)
+            ),
+        )
+        return response
+
+    async def _serialized(self, mv: ModelVersion, request: InferRequest) -> bytes:
+        """Compute a response for the cache: serialized, without the caller's id.
+
+        It runs in the cache's own task, for every caller waiting on the same key, so it
+        takes no caller's deadline; each caller waits only until its own.
+        """
+        arrays = await mv.scheduler.infer(request, None)
+        return self._response(mv, request, arrays, "").SerializeToString()
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
@@ -278,6 +334,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def serve_one(request: pb.ModelInferRequest) -> None:
             try:
                 response = await self._infer(request, None)
+                if isinstance(response, bytes):
+                    response = pb.ModelInferResponse.FromString(response)
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
                 _, message = status_for(exc)

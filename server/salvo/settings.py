@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     """Largest gRPC message accepted or sent."""
     stream_max_in_flight: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream being served at once; more wait (backpressure)."""
+    cache_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    """Bytes the response cache may hold, all models together (models opt in with
+    `response_cache: {enable: true}`); 0 turns the cache off."""
     torch_threads: int = Field(default=0, ge=0)
     """torch intra-op threads; 0 keeps torch's default (one per core)."""
     log_level: str = "INFO"

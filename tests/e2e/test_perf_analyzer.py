@@ -33,8 +33,8 @@ def test_perf_analyzer_measures_salvo(demo_server, tmp_path, streaming):
     out = tmp_path / "pa.csv"
     cmd = [
         str(WRAPPER), "-m", "mlp", "-i", "grpc", "-u", demo_server.grpc_target,
-        "-b", "1", "--concurrency-range", "4", "-p", "1000", "-s", "50",
-        "--max-trials", "4", "-f", str(out),
+        "-b", "1", "--concurrency-range", "4", "-p", "500", "-s", "100",
+        "--percentile", "50", "--max-trials", "12", "-f", str(out),
     ]  # fmt: skip
     cmd.append("--streaming" if streaming else "--async")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -44,4 +44,6 @@ def test_perf_analyzer_measures_salvo(demo_server, tmp_path, streaming):
     with tc.InferenceServerClient(demo_server.grpc_target) as client:
         after = client.get_inference_statistics("mlp").model_stats[0].inference_count
     # Every request perf_analyzer counted reached the model (it also sends warm-up ones).
-    assert after - before >= float(rows[0]["Inferences/Second"])
+    # (-s 100 and p50 stabilisation: perf_analyzer's stability check is not under test,
+    # and on a busy 2-core machine its default one fails.)
+    assert after - before >= float(rows[0]["Inferences/Second"]) / 2

@@ -1,0 +1,237 @@
+"""The response cache: one server-wide LRU, bounded in bytes, with in-flight coalescing.
+
+A key is a 256-bit BLAKE2b digest over everything that decides a response: model name and
+version, each input (sorted by name) with its datatype, shape and canonical little-endian
+bytes, the requested outputs in order, and the request parameters that can change a result.
+Raw and typed encodings of one tensor decode to the same bytes, so they share a key.
+
+The digest is the first half of one BLAKE2b-512 pass over that material; each entry keeps
+the second half as a check, and a lookup whose check differs is a miss. So even a collision
+of the 256-bit key (forced in tests through the `digest` seam) cannot return another
+request's response, and the material is read once.
+
+Values are serialized ModelInferResponse messages without their `id`: a hit is answered by
+appending the caller's id to those bytes, with no tensor copied or re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .codec import Tensor, encode_tensor_raw
+
+# Parameters that say how to serve a request, never what its answer is.
+NON_SEMANTIC_PARAMETERS = frozenset({"priority", "timeout", "cache", "traceparent", "tracestate"})
+ENTRY_OVERHEAD_BYTES = 160
+"""Bytes charged per entry beyond its value: key, check, and the bookkeeping objects."""
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """The digest that indexes the cache and the check stored beside it."""
+
+    digest: bytes
+    check: bytes
+
+
+@dataclass(slots=True)
+class _Entry:
+    check: bytes
+    value: bytes
+    model: str
+    size: int
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Cumulative cache counters, server-wide or for one model."""
+
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    evictions: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters for the whole cache and per model (the metrics layer reads these)."""
+
+    total: CacheCounters = field(default_factory=CacheCounters)
+    models: dict[str, CacheCounters] = field(default_factory=dict)
+
+    def model(self, name: str) -> CacheCounters:
+        counters = self.models.get(name)
+        if counters is None:
+            counters = self.models[name] = CacheCounters()
+        return counters
+
+
+def _blake2b_512(parts: Iterable[bytes | memoryview]) -> bytes:
+    h = hashlib.blake2b(digest_size=64)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _field(data: bytes | memoryview) -> list[bytes | memoryview]:
+    """A length-prefixed field, so that no two different sequences hash alike."""
+    return [len(data).to_bytes(8, "little"), data]
+
+
+def _canonical(tensor: Tensor) -> bytes | memoryview:
+    if tensor.datatype == "BYTES":
+        return encode_tensor_raw("BYTES", tensor.data)
+    data = tensor.data
+    if data.dtype.byteorder == ">" or not data.flags.c_contiguous:
+        data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
+    return data.data.cast("B")
+
+
+class ResponseCache:
+    """A byte-bounded LRU of serialized responses, shared by every model that enables it."""
+
+    def __init__(
+        self,
+        max_bytes: int,
+        digest: Callable[[Sequence[bytes | memoryview]], bytes] | None = None,
+    ) -> None:
+        self.max_bytes = max_bytes
+        self._digest = digest
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._inflight: dict[bytes, asyncio.Task[bytes]] = {}
+        self._generation: dict[str, int] = {}
+        self.stats = CacheStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes held now, entry overhead included."""
+        return self.stats.total.bytes
+
+    def key(
+        self,
+        model: str,
+        version: int,
+        tensors: Sequence[Tensor],
+        outputs: Sequence[str],
+        parameters: dict[str, object],
+    ) -> CacheKey:
+        """The key of a request whose inputs decoded to `tensors`."""
+        parts: list[bytes | memoryview] = []
+        parts += _field(model.encode())
+        parts += _field(str(version).encode())
+        for tensor in sorted(tensors, key=lambda t: t.name):
+            parts += _field(tensor.name.encode())
+            parts += _field(tensor.datatype.encode())
+            parts += _field(np.asarray(tensor.shape, dtype="<i8").tobytes())
+            parts += _field(_canonical(tensor))
+        parts += _field("\0".join(outputs).encode())
+        semantic = sorted(
+            (k, repr(v)) for k, v in parameters.items() if k not in NON_SEMANTIC_PARAMETERS
+        )
+        parts += _field(repr(semantic).encode())
+        full = _blake2b_512(parts)
+        digest = full[:32] if self._digest is None else self._digest(parts)
+        return CacheKey(digest, full[32:])
+
+    def get(self, key: CacheKey) -> bytes | None:
+        """The cached value, refreshed as most recently used; None on a miss."""
+        entry = self._entries.get(key.digest)
+        if entry is None or entry.check != key.check:
+            return None
+        self._entries.move_to_end(key.digest)
+        return entry.value
+
+    def put(self, key: CacheKey, model: str, value: bytes) -> None:
+        """Store a complete, successful response; evict least recently used to fit."""
+        size = len(value) + ENTRY_OVERHEAD_BYTES
+        if size > self.max_bytes:
+            return
+        self._discard(key.digest)
+        self._entries[key.digest] = _Entry(key.check, value, model, size)
+        self._account(model, size, 1)
+        while self.stats.total.bytes > self.max_bytes:
+            digest, oldest = next(iter(self._entries.items()))
+            self._discard(digest)
+            self.stats.total.evictions += 1
+            self.stats.model(oldest.model).evictions += 1
+
+    def _discard(self, digest: bytes) -> None:
+        entry = self._entries.pop(digest, None)
+        if entry is not None:
+            self._account(entry.model, -entry.size, -1)
+
+    def _account(self, model: str, size: int, count: int) -> None:
+        for counters in (self.stats.total, self.stats.model(model)):
+            counters.bytes += size
+            counters.entries += count
+
+    def drop_model(self, model: str) -> int:
+        """Forget every entry of `model` (it was reloaded or unloaded); returns how many."""
+        self._generation[model] = self._generation.get(model, 0) + 1
+        doomed = [d for d, e in self._entries.items() if e.model == model]
+        for digest in doomed:
+            self._discard(digest)
+        return len(doomed)
+
+    async def get_or_compute(
+        self, key: CacheKey, model: str, compute: Callable[[], Awaitable[bytes]]
+    ) -> tuple[bytes, str]:
+        """The value for `key` and how it was had: "hit", "coalesced" or "miss".
+
+        On a miss `compute` runs once in its own task, so a caller that cancels does not
+        cancel it for the others waiting on the same key; a failure reaches every waiter
+        and nothing is stored.
+        """
+        counters = (self.stats.total, self.stats.model(model))
+        value = self.get(key)
+        if value is not None:
+            for c in counters:
+                c.hits += 1
+            return value, "hit"
+        task = self._inflight.get(key.digest)
+        if task is not None:
+            for c in counters:
+                c.coalesced += 1
+            return await asyncio.shield(task), "coalesced"
+        for c in counters:
+            c.misses += 1
+        generation = self._generation.get(model, 0)
+        task = asyncio.create_task(self._fill(key, model, compute, generation))
+        self._inflight[key.digest] = task
+        return await asyncio.shield(task), "miss"
+
+    async def _fill(
+        self,
+        key: CacheKey,
+        model: str,
+        compute: Callable[[], Awaitable[bytes]],
+        generation: int,
+    ) -> bytes:
+        try:
+            value = await compute()
+            if self._generation.get(model, 0) == generation:  # not reloaded meanwhile
+                self.put(key, model, value)
+            return value
+        finally:
+            self._inflight.pop(key.digest, None)
+            task = asyncio.current_task()
+            if task is not None:
+                # Waiters that left must not leave "exception never retrieved" behind.
+                task.add_done_callback(_quiet)
+
+
+def _quiet(task: asyncio.Task) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        task.exception()
