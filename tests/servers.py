@@ -127,13 +127,14 @@ class InProcessServer:
     event, passed in through `loader`. Clients still talk to it over the network.
     """
 
-    def __init__(self, repository: Path, loader=None, **settings):
+    def __init__(self, repository: Path, loader=None, telemetry=None, **settings):
         from salvo.settings import Settings
 
         self.settings = Settings(
             model_repository=repository, grpc_port=0, http_port=0, drain_timeout_s=5, **settings
         )
         self.loader = loader
+        self.telemetry = telemetry
         self._started = threading.Event()
         self._error: BaseException | None = None
 
@@ -149,7 +150,7 @@ class InProcessServer:
         async def main() -> None:
             self.loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            self.server = SalvoServer(self.settings, self.loader)
+            self.server = SalvoServer(self.settings, self.loader, self.telemetry)
             try:
                 await self.server.start()
             finally:

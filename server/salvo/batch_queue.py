@@ -55,6 +55,8 @@ class Entry:
     started: bool = False
     """Set by the worker that runs it; from then on it is no longer cancelled, only dropped."""
     seq: int = field(default=0)
+    probe: Any = None
+    """Where the shell records timings for the request's spans and metrics; opaque here."""
 
 
 class BatchQueue:

@@ -177,6 +177,21 @@ class ResponseCache:
             counters.bytes += size
             counters.entries += count
 
+    def observe(self) -> list[tuple[str, float, dict[str, str]]]:
+        """Per-model counters for the metrics layer."""
+        out: list[tuple[str, float, dict[str, str]]] = []
+        for model, c in list(self.stats.models.items()):
+            labels = {"model": model}
+            out += [
+                ("cache_hits", c.hits, labels),
+                ("cache_misses", c.misses, labels),
+                ("cache_coalesced", c.coalesced, labels),
+                ("cache_evictions", c.evictions, labels),
+                ("cache_bytes", c.bytes, labels),
+                ("cache_entries", c.entries, labels),
+            ]
+        return out
+
     def drop_model(self, model: str) -> int:
         """Forget every entry of `model` (it was reloaded or unloaded); returns how many."""
         self._generation[model] = self._generation.get(model, 0) + 1

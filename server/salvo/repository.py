@@ -20,6 +20,7 @@ from .config import ModelConfig, load_config, valid_model_name
 from .errors import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
 from .scheduler import Scheduler
 from .stats import ModelStats
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,10 @@ class ModelManager:
         root: Path,
         loader: ModelLoader = LoadedModel.load,
         on_swap: Callable[[str], object] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.root = root
+        self.telemetry = telemetry
         self.on_swap = on_swap
         """Called with a model's name whenever its versions change (the cache drops them)."""
         self.loader = loader
@@ -168,7 +171,12 @@ class ModelManager:
             model = self.loader(config, model_dir / str(version))
             stats = ModelStats(name, version)
             versions[version] = ModelVersion(
-                name, version, config, model, Scheduler(model, stats, version), stats
+                name,
+                version,
+                config,
+                model,
+                Scheduler(model, stats, version, self.telemetry),
+                stats,
             )
         return versions
 
@@ -211,6 +219,20 @@ class ModelManager:
                 f"model '{name}' has no version {version} (serving {sorted(entry.versions)})"
             )
         return mv
+
+    def observe(self) -> list[tuple[str, float, dict[str, str]]]:
+        """Queue depth, in-flight, readiness and load time per model, for the metrics layer."""
+        out: list[tuple[str, float, dict[str, str]]] = []
+        for name, entry in list(self.models.items()):
+            labels = {"model": name}
+            out.append(("ready", 1.0 if entry.state is State.READY else 0.0, labels))
+            if entry.load_seconds:
+                out.append(("load_s", entry.load_seconds, labels))
+            for version, mv in list(entry.versions.items()):
+                v = {"model": name, "version": str(version)}
+                out.append(("queue_depth", float(len(mv.scheduler.queue)), v))
+                out.append(("inflight", float(mv.scheduler.in_flight), v))
+        return out
 
     def config_of(self, name: str) -> ModelConfig:
         """The config of a model, loaded or not; NOT_FOUND if unknown."""

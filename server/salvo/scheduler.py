@@ -28,6 +28,7 @@ from .errors import (
     SalvoError,
 )
 from .stats import ModelStats
+from .telemetry import Probe, Telemetry
 from .validation import InferRequest
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,15 @@ def _set_exception(future: asyncio.Future, exc: BaseException) -> None:
 class Scheduler:
     """Queues requests for one model version and runs them in batches."""
 
-    def __init__(self, model: LoadedModel, stats: ModelStats, version: int) -> None:
+    def __init__(
+        self,
+        model: LoadedModel,
+        stats: ModelStats,
+        version: int,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.model = model
+        self.telemetry = telemetry
         self.stats = stats
         self.version = version
         config = model.config
@@ -91,7 +99,9 @@ class Scheduler:
         self._task = asyncio.create_task(self._dispatch_loop(), name="salvo-dispatch")
         self._task.add_done_callback(_log_crash)
 
-    async def infer(self, request: InferRequest, deadline_ns: int | None = None) -> _Outputs:
+    async def infer(
+        self, request: InferRequest, deadline_ns: int | None = None, probe: Probe | None = None
+    ) -> _Outputs:
         """Queue `request` and wait for its outputs (requested outputs only, in order asked).
 
         `deadline_ns` (monotonic) comes from the gRPC deadline; the request's `timeout`
@@ -110,6 +120,7 @@ class Scheduler:
             deadline_ns=deadline_ns,
             priority=priority if isinstance(priority, int) else 0,
             waiter=loop.create_future(),
+            probe=probe,
         )
         self.queue.append(entry)
         self._idle.clear()
@@ -218,8 +229,12 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         start = time.monotonic_ns()
         try:
+            telemetry = self.telemetry
+            name = self.model.config.name
             for entry in batch:
                 self.stats.queue.add(start - entry.enqueued_ns)
+                if telemetry is not None:
+                    telemetry.record_queue(name, self.version, (start - entry.enqueued_ns) / 1e9)
             try:
                 ran, outputs, timings = await loop.run_in_executor(
                     self._executors[instance], self._run_batch, batch
@@ -242,6 +257,8 @@ class Scheduler:
                 self.stats.record_batch(
                     rows, len(ran), timings.input_ns, timings.infer_ns, timings.output_ns
                 )
+                if telemetry is not None:
+                    self._observe(telemetry, ran, rows, start, timings)
                 self._answer(ran, outputs)
         finally:
             self.queue.completed(sum(e.request.rows for e in batch), time.monotonic_ns())
@@ -249,6 +266,23 @@ class Scheduler:
             self._free.append(instance)
             self._wake.set()
             self._after_change()
+
+    def _observe(
+        self, telemetry: Telemetry, ran: list[Entry], rows: int, start: int, timings: Timings
+    ) -> None:
+        finished = time.monotonic_ns()
+        compute_ns = timings.input_ns + timings.infer_ns + timings.output_ns
+        telemetry.record_batch(self.model.config.name, self.version, rows, compute_ns / 1e9)
+        probes = [e.probe for e in ran if e.probe is not None]
+        for entry in ran:
+            probe = entry.probe
+            if probe is not None:
+                probe.enqueued_ns = entry.enqueued_ns
+                probe.started_ns = start
+                probe.finished_ns = finished
+                probe.batch_rows = rows
+        if any(p.span is not None for p in probes):
+            telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
     def _run_batch(self, batch: list[Entry]) -> tuple[list[Entry], _Outputs, Timings]:
         """On an instance's worker thread: assemble, run, and return the outputs."""

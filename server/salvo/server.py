@@ -11,23 +11,23 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
 
 import grpc
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
 from .cache import ResponseCache
-from .repository import ModelLoader, ModelManager, State
+from .repository import ModelLoader, ModelManager
 from .servicer import InferenceServicer
 from .settings import Settings
+from .telemetry import Telemetry
 
 log = logging.getLogger("salvo")
 
@@ -81,16 +81,29 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
 class SalvoServer:
     """One Salvo process: its ports, its models, its lifecycle."""
 
-    def __init__(self, settings: Settings, loader: ModelLoader | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loader: ModelLoader | None = None,
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self.settings = settings
         self.cache = ResponseCache(settings.cache_max_bytes) if settings.cache_max_bytes else None
         on_swap = self.cache.drop_model if self.cache is not None else None
-        self.models = (
-            ModelManager(settings.model_repository, on_swap=on_swap)
-            if loader is None
-            else ModelManager(settings.model_repository, loader, on_swap=on_swap)
-        )
         self.registry = CollectorRegistry()
+        self.telemetry = telemetry or Telemetry(
+            self.registry, access_logs_per_s=settings.access_logs_per_s
+        )
+        self.models = (
+            ModelManager(settings.model_repository, on_swap=on_swap, telemetry=self.telemetry)
+            if loader is None
+            else ModelManager(
+                settings.model_repository, loader, on_swap=on_swap, telemetry=self.telemetry
+            )
+        )
+        self.telemetry.add_source(self.models.observe)
+        if self.cache is not None:
+            self.telemetry.add_source(self.cache.observe)
         self.ready = asyncio.Event()
         self.grpc_port = 0
         self.http_port = 0
@@ -113,6 +126,7 @@ class SalvoServer:
             s.stream_max_in_flight,
             on_change=self.refresh_health,
             cache=self.cache,
+            telemetry=self.telemetry,
         )
         add_inference_service(self.servicer, self.server)
         self.health = health_async.HealthServicer()
@@ -130,16 +144,11 @@ class SalvoServer:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
         await self.server.start()
 
-        ready_gauge = Gauge(
-            "salvo_model_ready", "1 when the model can serve", ["model"], registry=self.registry
-        )
         self.http = HttpServer(self.registry, self.is_ready)
         self.http_port = await self.http.start(s.host, s.http_port)
         log.info("listening grpc=%s:%d http=%s:%d", s.host, self.grpc_port, s.host, self.http_port)
 
         await self.models.load_all()
-        for name in self.models.models:
-            ready_gauge.labels(name).set_function(self._ready_function(name))
         self.ready.set()
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -152,13 +161,6 @@ class SalvoServer:
             "ready: %s",
             ", ".join(f"{n}={e.state.value}" for n, e in sorted(self.models.models.items())),
         )
-
-    def _ready_function(self, name: str) -> Callable[[], float]:
-        def ready() -> float:
-            entry = self.models.models.get(name)
-            return 1.0 if entry is not None and entry.state is State.READY else 0.0
-
-        return ready
 
     def is_ready(self) -> bool:
         return self.ready.is_set() and self.models.all_ready()
@@ -183,6 +185,7 @@ class SalvoServer:
         await self.server.stop(self.settings.drain_timeout_s)
         await self.models.stop()
         await self.http.stop()
+        await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:

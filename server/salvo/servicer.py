@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,11 +26,47 @@ from .codec import decode_inputs, encode_outputs
 from .config import ModelConfig
 from .errors import DeadlineExceeded, InvalidRequest, Overloaded, SalvoError, status_for
 from .repository import ModelManager, ModelVersion
+from .telemetry import Probe, Telemetry
 from .validation import InferRequest, validate_request
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+SERVICE = "inference.GRPCInferenceService"
+INFER = f"{SERVICE}/ModelInfer"
+STREAM = f"{SERVICE}/ModelStreamInfer"
+# The v2 health RPCs are measured but never traced: they would drown the traces.
+UNTRACED = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+
+
+def observed(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Wrap a unary RPC: its duration metric, and its SERVER span unless it is a health RPC."""
+    name = handler.__name__
+    method = f"{SERVICE}/{name}"
+
+    @functools.wraps(handler)
+    async def wrapper(self: InferenceServicer, request: Any, context: Any) -> Any:
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await handler(self, request, context)
+        start = time.perf_counter()
+        span = (
+            None if name in UNTRACED else telemetry.start_rpc(method, context.invocation_metadata())
+        )
+        code = "OK"
+        try:
+            return await handler(self, request, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = context.code().name if context.code() is not None else "UNKNOWN"
+            raise
+        finally:
+            telemetry.end_rpc(method, span, code, "", time.perf_counter() - start)
+
+    return wrapper
+
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
 
@@ -142,22 +179,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         stream_max_in_flight: int = 256,
         on_change: Callable[[], Awaitable[None]] | None = None,
         cache: ResponseCache | None = None,
+        telemetry: Telemetry | None = None,
     ):
         self.models = models
         self.cache = cache
+        self.telemetry = telemetry
         self.on_change = on_change
         self.ready = ready
         self.stream_max_in_flight = stream_max_in_flight
 
+    @observed
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
 
+    @observed
     async def ServerReady(self, request, context):
         return pb.ServerReadyResponse(ready=self.ready.is_set() and self.models.all_ready())
 
+    @observed
     async def ServerMetadata(self, request, context):
         return pb.ServerMetadataResponse(name="salvo", version=__version__, extensions=EXTENSIONS)
 
+    @observed
     async def ModelReady(self, request, context):
         try:
             self.models.get(request.name, request.version)
@@ -167,6 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
+    @observed
     async def ModelMetadata(self, request, context):
         try:
             mv = self.models.get(request.name, request.version)
@@ -185,6 +229,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             out.outputs.add(name=spec.name, datatype=spec.datatype, shape=[*batch, *spec.dims])
         return out
 
+    @observed
     async def ModelConfig(self, request, context):
         try:
             mv = self.models.get(request.name, request.version)
@@ -192,6 +237,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return pb.ModelConfigResponse(config=config_to_proto(mv.config, mv.model.device.type))
 
+    @observed
     async def ModelStatistics(self, request, context):
         out = pb.ModelStatisticsResponse()
         if request.name:
@@ -206,6 +252,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 out.model_stats.append(entry.versions[version].stats.to_proto())
         return out
 
+    @observed
     async def RepositoryIndex(self, request, context):
         out = pb.RepositoryIndexResponse()
         with contextlib.suppress(Exception):
@@ -225,6 +272,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
         return out
 
+    @observed
     async def RepositoryModelLoad(self, request, context):
         try:
             await self.models.load(request.model_name)
@@ -235,6 +283,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await self.on_change()
         return pb.RepositoryModelLoadResponse()
 
+    @observed
     async def RepositoryModelUnload(self, request, context):
         try:
             await self.models.unload(request.model_name)
@@ -246,11 +295,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     async def _infer(
-        self, request: pb.ModelInferRequest, deadline_ns: int | None
+        self, request: pb.ModelInferRequest, deadline_ns: int | None, probe: Probe | None = None
     ) -> pb.ModelInferResponse | bytes:
         """One inference: a response message, or serialized bytes when the cache served it."""
         start = time.monotonic_ns()
         mv = self.models.get(request.model_name, request.model_version)
+        if probe is not None:
+            probe.model, probe.version = mv.name, str(mv.version)
         ok = False
         try:
             tensors = decode_inputs(request)
@@ -268,6 +319,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     value, outcome = await _within(lookup, deadline_ns)
                 elapsed = time.monotonic_ns() - start
+                if probe is not None:
+                    probe.cache = outcome
                 if outcome == "miss":
                     mv.stats.cache_miss.add(elapsed)
                 else:  # a hit, or coalesced onto another request's computation
@@ -275,7 +328,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     mv.stats.inference_count += validated.rows
                 ok = True
                 return value + _id_field(request.id)
-            arrays = await mv.scheduler.infer(validated, deadline_ns)
+            arrays = await mv.scheduler.infer(validated, deadline_ns, probe)
             response = self._response(mv, validated, arrays, request.id)
             ok = True
             return response
@@ -310,12 +363,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()
         deadline_ns = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._infer_untraced(request, deadline_ns, context)
+        start = time.perf_counter()
+        probe = Probe(telemetry.start_rpc(INFER, context.invocation_metadata()))
+        code, message = "OK", ""
+        try:
+            return await self._infer(request, deadline_ns, probe)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as exc:
+            status, message = status_for(exc)
+            code = status.name
+            await _abort(context, exc)
+        finally:
+            telemetry.end_rpc(
+                INFER,
+                probe.span,
+                code,
+                message,
+                time.perf_counter() - start,
+                model=probe.model,
+                version=probe.version,
+                probe=probe,
+                cache=probe.cache,
+                peer=context.peer(),
+            )
+
+    async def _infer_untraced(self, request, deadline_ns, context):
         try:
             return await self._infer(request, deadline_ns)
-        except SalvoError as exc:
-            await _abort(context, exc)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             await _abort(context, exc)
 
@@ -331,14 +410,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(self.stream_max_in_flight)
         tasks: set[asyncio.Task] = set()
 
+        telemetry = self.telemetry
+        metadata = context.invocation_metadata()
+
         async def serve_one(request: pb.ModelInferRequest) -> None:
+            start = time.perf_counter()
+            probe = Probe(telemetry.start_rpc(STREAM, metadata)) if telemetry else None
+            code, message = "OK", ""
             try:
-                response = await self._infer(request, None)
+                response = await self._infer(request, None, probe)
                 if isinstance(response, bytes):
                     response = pb.ModelInferResponse.FromString(response)
                 responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
-                _, message = status_for(exc)
+                status, message = status_for(exc)
+                code = status.name
                 failed = pb.ModelInferResponse(
                     model_name=request.model_name,
                     model_version=request.model_version,
@@ -349,6 +435,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             finally:
                 slots.release()
+                if telemetry is not None and probe is not None:
+                    telemetry.end_rpc(
+                        STREAM,
+                        probe.span,
+                        code,
+                        message,
+                        time.perf_counter() - start,
+                        model=probe.model,
+                        version=probe.version,
+                        probe=probe,
+                        cache=probe.cache,
+                    )
 
         async def read_all() -> None:
             try:

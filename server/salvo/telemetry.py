@@ -1,0 +1,517 @@
+"""Traces, metrics and access logs: the cross-cutting observability layer.
+
+Metrics come from one set of OpenTelemetry instruments read two ways: pulled by Prometheus
+from the HTTP port's /metrics, and pushed over OTLP when an endpoint is configured. Traces
+go over OTLP (gRPC, or HTTP/protobuf by OTEL_EXPORTER_OTLP_PROTOCOL) when an endpoint is
+configured; sampling follows OTEL_TRACES_SAMPLER. The standard OTEL_* variables configure
+both; OTEL_SDK_DISABLED=true turns traces and OTLP pushes off (/metrics stays).
+
+Telemetry never costs serving: spans and metrics leave through bounded queues on the SDK's
+own threads; a collector that is down, slow or refusing costs dropped telemetry, counted in
+`salvo_telemetry_dropped_total` and logged at most once a minute, and shutdown flushes
+within a bound. Request spans are created in the servicer (the gRPC instrumentation
+package costs 19-28% of throughput here, see FACTS.md); queue and compute spans are
+written after the fact from the batcher's timestamps, so they cost nothing unless sampled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.propagate import extract
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+from . import __version__
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("salvo.access")
+
+SECONDS_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Monotonic clocks time the work; spans need wall-clock nanoseconds.
+_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
+
+
+def wall_ns(monotonic_ns: int) -> int:
+    """A monotonic_ns() reading as Unix-epoch nanoseconds, for span timestamps."""
+    return monotonic_ns + _EPOCH_OFFSET_NS
+
+
+@dataclass(slots=True)
+class Probe:
+    """What the batcher learns about one request, for its spans and metrics."""
+
+    span: Any = None
+    """The request's SERVER span, or None when it is not traced."""
+    model: str = ""
+    """The model and version that served it, once resolved (unknown names stay out of
+    metric labels, so strangers cannot blow up their cardinality)."""
+    version: str = ""
+    cache: str = ""
+    """hit, miss or coalesced when the cache was consulted."""
+    enqueued_ns: int = 0
+    started_ns: int = 0
+    finished_ns: int = 0
+    batch_rows: int = 0
+
+
+@dataclass(slots=True)
+class DropCounter:
+    """Telemetry lost to a collector that is down, slow or refusing, or to full queues."""
+
+    spans: int = 0
+    _last_log: float = field(default=0.0)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, count: int, why: str) -> None:
+        with self._lock:
+            self.spans += count
+            now = time.monotonic()
+            if now - self._last_log < 60:
+                return
+            self._last_log = now
+        log.warning("telemetry dropped %d spans so far (%s)", self.spans, why)
+
+
+class _CountingExporter(SpanExporter):
+    """Counts the spans of exports that failed; never raises into the SDK."""
+
+    def __init__(self, inner: SpanExporter, drops: DropCounter) -> None:
+        self.inner = inner
+        self.drops = drops
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception as exc:  # an exporter bug must not kill the export thread
+            self.drops.add(len(spans), f"export raised {type(exc).__name__}")
+            return SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            self.drops.add(len(spans), "export failed")
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+class _CountingProcessor(SpanProcessor):
+    """A BatchSpanProcessor that counts the spans its full queue turns away."""
+
+    def __init__(self, inner: BatchSpanProcessor, drops: DropCounter, max_queue: int) -> None:
+        self.inner = inner
+        self.drops = drops
+        self.max_queue = max_queue
+        batch = getattr(inner, "_batch_processor", None)
+        self._queue = getattr(batch, "_queue", None)
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        self.inner.on_start(span, parent_context)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._queue is not None and len(self._queue) >= self.max_queue:
+            self.drops.add(1, "span queue full")
+            return
+        self.inner.on_end(span)
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default).strip()
+
+
+def _otlp_endpoint(signal: str) -> str:
+    return _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+
+def _protocol(signal: str) -> str:
+    return (
+        _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
+    ) or "grpc"
+
+
+def _span_exporter() -> SpanExporter | None:
+    if _env("OTEL_TRACES_EXPORTER", "otlp") == "none" or not _otlp_endpoint("TRACES"):
+        return None
+    if _protocol("TRACES") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+        OTLPSpanExporter as GrpcSpanExporter,
+    )
+
+    return GrpcSpanExporter()
+
+
+def _metric_push_reader() -> MetricReader | None:
+    if _env("OTEL_METRICS_EXPORTER", "otlp") == "none" or not _otlp_endpoint("METRICS"):
+        return None
+    if _protocol("METRICS") == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter: Any = OTLPMetricExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        exporter = GrpcMetricExporter()
+    return PeriodicExportingMetricReader(exporter)
+
+
+OUTCOMES = {
+    "OK": "success",
+    "RESOURCE_EXHAUSTED": "rejected",
+    "CANCELLED": "cancelled",
+    "DEADLINE_EXCEEDED": "timeout",
+}
+
+
+class Telemetry:
+    """Every signal Salvo emits, behind a few cheap calls from the servicer and batcher."""
+
+    def __init__(
+        self,
+        registry: Any = None,
+        *,
+        tracer_provider: TracerProvider | None = None,
+        metric_readers: Iterable[MetricReader] = (),
+        access_logs_per_s: float = 10.0,
+    ) -> None:
+        """Build from the OTEL_* environment; tests pass in-memory providers and readers."""
+        self.drops = DropCounter()
+        disabled = _env("OTEL_SDK_DISABLED").lower() == "true"
+        resource = Resource.create(
+            {"service.name": _env("OTEL_SERVICE_NAME", "salvo"), "service.version": __version__}
+        )
+        if tracer_provider is None and not disabled:
+            exporter = _span_exporter()
+            if exporter is not None:
+                tracer_provider = TracerProvider(resource=resource)
+                max_queue = int(_env("OTEL_BSP_MAX_QUEUE_SIZE", "8192"))
+                batch = BatchSpanProcessor(
+                    _CountingExporter(exporter, self.drops), max_queue_size=max_queue
+                )
+                tracer_provider.add_span_processor(_CountingProcessor(batch, self.drops, max_queue))
+        self.tracer_provider = tracer_provider
+        self.tracer = tracer_provider.get_tracer("salvo", __version__) if tracer_provider else None
+
+        readers = list(metric_readers)
+        if registry is not None:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+            readers.append(
+                PrometheusMetricReader(
+                    disable_target_info=True, scope_info_enabled=False, registry=registry
+                )
+            )
+        push = None if disabled else _metric_push_reader()
+        if push is not None:
+            readers.append(push)
+        views = [
+            View(
+                instrument_name="salvo.batch.size",
+                aggregation=ExplicitBucketHistogramAggregation(BATCH_BUCKETS),
+            ),
+            View(
+                instrument_name="*duration*",
+                aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
+            ),
+        ]
+        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=views)
+        meter = self.meter_provider.get_meter("salvo", __version__)
+        self.rpc_duration = meter.create_histogram(
+            "rpc.server.call.duration", unit="s", description="Duration of RPCs served"
+        )
+        self.requests = meter.create_counter(
+            "salvo.requests", unit="{request}", description="Inference requests by outcome"
+        )
+        self.request_duration = meter.create_histogram(
+            "salvo.request.duration", unit="s", description="End-to-end inference latency"
+        )
+        self.queue_duration = meter.create_histogram(
+            "salvo.queue.duration", unit="s", description="Time requests wait in the batch queue"
+        )
+        self.compute_duration = meter.create_histogram(
+            "salvo.compute.duration", unit="s", description="Forward pass time per batch"
+        )
+        self.batch_size = meter.create_histogram(
+            "salvo.batch.size", unit="{row}", description="Rows per executed batch"
+        )
+        self.sources: list[Callable[[], Iterable[tuple[str, float, dict[str, str]]]]] = []
+        meter.create_observable_gauge(
+            "salvo.queue.depth", [self._observe("queue_depth")], description="Requests queued"
+        )
+        meter.create_observable_gauge(
+            "salvo.inflight", [self._observe("inflight")], description="Requests running"
+        )
+        meter.create_observable_gauge(
+            "salvo.model.ready", [self._observe("ready")], description="1 when a model serves"
+        )
+        meter.create_observable_gauge(
+            "salvo.model.load.duration",
+            [self._observe("load_s")],
+            unit="s",
+            description="How long the model's last load took",
+        )
+        for name, what in (
+            ("salvo.cache.hits", "cache_hits"),
+            ("salvo.cache.misses", "cache_misses"),
+            ("salvo.cache.coalesced", "cache_coalesced"),
+            ("salvo.cache.evictions", "cache_evictions"),
+        ):
+            meter.create_observable_counter(name, [self._observe(what)], unit="{request}")
+        meter.create_observable_gauge(
+            "salvo.cache.bytes", [self._observe("cache_bytes")], unit="By"
+        )
+        meter.create_observable_gauge(
+            "salvo.cache.entries", [self._observe("cache_entries")], unit="{entry}"
+        )
+        meter.create_observable_counter(
+            "salvo.telemetry.dropped",
+            [lambda options: [Observation(self.drops.spans, {"signal": "traces"})]],
+            unit="{span}",
+            description="Telemetry dropped because the collector or a queue could not take it",
+        )
+        meter.create_observable_gauge(
+            "salvo.cuda.memory.allocated",
+            [_cuda_memory],
+            unit="By",
+            description="CUDA memory held by tensors, per device",
+        )
+        self._log_tokens = access_logs_per_s
+        self._log_rate = access_logs_per_s
+        self._log_refill = time.monotonic()
+
+    # -- observations --------------------------------------------------------------------
+
+    def add_source(self, source: Callable[[], Iterable[tuple[str, float, dict[str, str]]]]) -> None:
+        """Register a callable yielding (what, value, attributes) for the observable metrics."""
+        self.sources.append(source)
+
+    def _observe(self, what: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def callback(options: CallbackOptions) -> Iterable[Observation]:
+            out = []
+            for source in self.sources:
+                for kind, value, attributes in source():
+                    if kind == what:
+                        out.append(Observation(value, attributes))
+            return out
+
+        return callback
+
+    # -- requests --------------------------------------------------------------------------
+
+    def start_rpc(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Any:
+        """The SERVER span of one RPC (its parent from `traceparent`), or None if untraced."""
+        if self.tracer is None:
+            return None
+        carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
+        parent = extract(carrier) if "traceparent" in carrier else otel_context.Context()
+        service, _, name = method.rpartition("/")
+        return self.tracer.start_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+
+    def end_rpc(
+        self,
+        method: str,
+        span: Any,
+        code: str,
+        message: str,
+        duration_s: float,
+        model: str = "",
+        version: str = "",
+        probe: Probe | None = None,
+        cache: str = "",
+        peer: str = "",
+    ) -> None:
+        """Finish an RPC: its span, its duration metric, and (for inferences) the rest."""
+        self.rpc_duration.record(
+            duration_s, {"rpc.method": method.rpartition("/")[2], "rpc.grpc.status_code": code}
+        )
+        if model:
+            labels = {"model": model, "version": version}
+            self.requests.add(1, {**labels, "outcome": OUTCOMES.get(code, "error")})
+            self.request_duration.record(duration_s, labels)
+        if span is not None:
+            self._finish_span(span, code, message, model, version, probe, cache)
+        if model and self._take_log_token():
+            self._access_log(method, model, version, code, duration_s, probe, cache, peer, span)
+
+    def _finish_span(
+        self,
+        span: Any,
+        code: str,
+        message: str,
+        model: str,
+        version: str,
+        probe: Probe | None,
+        cache: str,
+    ) -> None:
+        if span.is_recording():
+            attributes: dict[str, Any] = {"rpc.grpc.status_code": code}
+            if model:
+                attributes.update({"salvo.model.name": model, "salvo.model.version": version})
+            if cache:
+                attributes["salvo.cache"] = cache
+            if probe is not None and probe.started_ns:
+                attributes["salvo.batch.size"] = probe.batch_rows
+                parent = trace.set_span_in_context(span)
+                for name, start, end in (
+                    ("queue", probe.enqueued_ns, probe.started_ns),
+                    ("compute", probe.started_ns, probe.finished_ns),
+                ):
+                    if end:
+                        child = self.tracer.start_span(  # type: ignore[union-attr]
+                            name, context=parent, start_time=wall_ns(start)
+                        )
+                        child.end(end_time=wall_ns(end))
+            span.set_attributes(attributes)
+            if code != "OK":
+                span.set_status(Status(StatusCode.ERROR, message))
+        span.end()
+
+    def batch_span(
+        self, model: str, version: int, probes: Sequence[Probe], start_ns: int, end_ns: int
+    ) -> None:
+        """A span for one executed batch, linked to the span of every request in it."""
+        if self.tracer is None:
+            return
+        links = [
+            Link(p.span.get_span_context())
+            for p in probes
+            if p.span is not None and p.span.get_span_context().is_valid
+        ]
+        if not links:
+            return
+        span = self.tracer.start_span(
+            f"batch {model}",
+            context=otel_context.Context(),
+            links=links,
+            start_time=wall_ns(start_ns),
+            attributes={
+                "salvo.model.name": model,
+                "salvo.model.version": str(version),
+                "salvo.batch.requests": len(probes),
+            },
+        )
+        span.end(end_time=wall_ns(end_ns))
+
+    def record_batch(self, model: str, version: int, rows: int, compute_s: float) -> None:
+        labels = {"model": model, "version": str(version)}
+        self.batch_size.record(rows, labels)
+        self.compute_duration.record(compute_s, labels)
+
+    def record_queue(self, model: str, version: int, seconds: float) -> None:
+        self.queue_duration.record(seconds, {"model": model, "version": str(version)})
+
+    # -- access logs -----------------------------------------------------------------------
+
+    def _take_log_token(self) -> bool:
+        if self._log_rate <= 0:
+            return False
+        now = time.monotonic()
+        self._log_tokens = min(
+            self._log_rate, self._log_tokens + (now - self._log_refill) * self._log_rate
+        )
+        self._log_refill = now
+        if self._log_tokens < 1:
+            return False
+        self._log_tokens -= 1
+        return True
+
+    def _access_log(
+        self,
+        method: str,
+        model: str,
+        version: str,
+        code: str,
+        duration_s: float,
+        probe: Probe | None,
+        cache: str,
+        peer: str,
+        span: Any,
+    ) -> None:
+        entry: dict[str, Any] = {
+            "event": "access",
+            "method": method,
+            "model": model,
+            "version": version,
+            "status": code,
+            "duration_ms": round(duration_s * 1000, 3),
+            "peer": peer,
+        }
+        if probe is not None and probe.batch_rows:
+            entry["batch_size"] = probe.batch_rows
+        if cache:
+            entry["cache"] = cache
+        if span is not None:
+            ctx = span.get_span_context()
+            if ctx.is_valid:
+                entry["trace_id"] = format(ctx.trace_id, "032x")
+                entry["span_id"] = format(ctx.span_id, "016x")
+        access_log.info(json.dumps(entry))
+
+    def shutdown(self, timeout_s: float = 2.0) -> None:
+        """Flush and stop within about `timeout_s`, whatever the collector does."""
+        if self.tracer_provider is not None:
+            done = threading.Event()
+
+            def flush() -> None:
+                self.tracer_provider.shutdown()  # type: ignore[union-attr]
+                done.set()
+
+            # TracerProvider.shutdown has no timeout of its own: bound it from outside.
+            threading.Thread(target=flush, daemon=True, name="salvo-trace-shutdown").start()
+            done.wait(timeout_s / 2)
+        self.meter_provider.shutdown(timeout_millis=timeout_s * 500)
+
+
+def _cuda_memory(options: CallbackOptions) -> Iterable[Observation]:
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    return [
+        Observation(torch.cuda.memory_allocated(i), {"device": f"cuda:{i}"})
+        for i in range(torch.cuda.device_count())
+    ]
+
+
+def metadata_pairs(metadata: Mapping[str, str] | Iterable[tuple[str, Any]] | None):
+    """gRPC invocation metadata as (key, value) pairs."""
+    if metadata is None:
+        return ()
+    return metadata.items() if isinstance(metadata, Mapping) else metadata
