@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache clean
+.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -49,6 +49,9 @@ bench-batching: $(STAMP) perf-venv
 
 bench-cache: $(STAMP)
 	$(BIN)/python benchmarks/cache.py
+
+bench-telemetry: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/telemetry.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

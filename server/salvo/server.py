@@ -91,9 +91,9 @@ class SalvoServer:
         self.cache = ResponseCache(settings.cache_max_bytes) if settings.cache_max_bytes else None
         on_swap = self.cache.drop_model if self.cache is not None else None
         self.registry = CollectorRegistry()
-        self.telemetry = telemetry or Telemetry(
-            self.registry, access_logs_per_s=settings.access_logs_per_s
-        )
+        if telemetry is None and settings.telemetry_enabled:
+            telemetry = Telemetry(self.registry, access_logs_per_s=settings.access_logs_per_s)
+        self.telemetry = telemetry
         self.models = (
             ModelManager(settings.model_repository, on_swap=on_swap, telemetry=self.telemetry)
             if loader is None
@@ -101,9 +101,10 @@ class SalvoServer:
                 settings.model_repository, loader, on_swap=on_swap, telemetry=self.telemetry
             )
         )
-        self.telemetry.add_source(self.models.observe)
-        if self.cache is not None:
-            self.telemetry.add_source(self.cache.observe)
+        if self.telemetry is not None:
+            self.telemetry.add_source(self.models.observe)
+            if self.cache is not None:
+                self.telemetry.add_source(self.cache.observe)
         self.ready = asyncio.Event()
         self.grpc_port = 0
         self.http_port = 0
@@ -185,7 +186,8 @@ class SalvoServer:
         await self.server.stop(self.settings.drain_timeout_s)
         await self.models.stop()
         await self.http.stop()
-        await asyncio.to_thread(self.telemetry.shutdown)
+        if self.telemetry is not None:
+            await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
 
     async def run_until_signalled(self) -> None:

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     cache_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
     """Bytes the response cache may hold, all models together (models opt in with
     `response_cache: {enable: true}`); 0 turns the cache off."""
+    telemetry_enabled: bool = True
+    """Metrics, traces and access logs; off leaves /metrics empty (for overhead baselines)."""
     access_logs_per_s: float = Field(default=10.0, ge=0)
     """Access-log lines per second at most (a token bucket); 0 turns access logs off."""
     torch_threads: int = Field(default=0, ge=0)
