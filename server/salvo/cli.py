@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo-repo", help="write the demo model repository (offline, seeded)")
     demo.add_argument("directory", help="where to write it")
     demo.set_defaults(func=_demo_repo)
+
+    # Client-side commands (infer, models, stats, bench) need no torch: they live in the
+    # light client package and work from the base install.
+    from salvo_client.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

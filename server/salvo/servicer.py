@@ -430,6 +430,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     model_version=request.model_version,
                     id=request.id,
                 )
+                # The stream stays OK, so the status travels as a parameter for clients.
+                failed.parameters["grpc_status"].int64_param = status.value[0]
                 responses.put_nowait(
                     pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
                 )
