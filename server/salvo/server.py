@@ -31,6 +31,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger("salvo")
 
+LIVENESS = "liveness"
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 
 
@@ -140,6 +141,8 @@ class SalvoServer:
         )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Liveness for orchestrators: the process serves, whatever its models do.
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
         if not self.grpc_port:
             raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 import threading
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.servers import ServerProcess
 
@@ -72,8 +73,19 @@ def test_refusals_load_unload_and_readiness(repo):
             assert "config.yaml: field 'inputs.0.datatype'" in index["badconfig"].reason
             assert "FP23" in index["badconfig"].reason
 
-            # Strict readiness: live, not ready, yet the good models serve.
+            # Strict readiness: live, not ready, yet the good models serve; the "liveness"
+            # health service stays SERVING (orchestrators must not restart this process).
             assert client.is_server_live() and not client.is_server_ready()
+            with grpc.insecure_channel(server.grpc_target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                statuses = {
+                    name: health.Check(health_pb2.HealthCheckRequest(service=name)).status
+                    for name in ("", "liveness")
+                }
+            assert statuses == {
+                "": health_pb2.HealthCheckResponse.NOT_SERVING,
+                "liveness": health_pb2.HealthCheckResponse.SERVING,
+            }
             assert client.infer("mlp", [mlp_input()]).as_numpy("output").shape == (1, 10)
 
             with pytest.raises(tc.InferenceServerException) as info:
