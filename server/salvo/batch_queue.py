@@ -15,7 +15,8 @@ Policy (Triton's vocabulary):
   expected, a free instance holds a batch that is not full for at most
   `max_queue_delay_ns`, so under load batches fill up instead of splitting in two. At low
   load the row that comes back has arrived before the instance asks, so nothing waits;
-  a hold that times out forgets what it expected (clients that left).
+  a hold that times out forgets what it expected (clients that left). Only batches whose
+  forward pass took at least `max_queue_delay_ns` count: a fast model never waits.
 - With preferred sizes, the largest preferred size that the queue can fill goes at once;
   a smaller batch waits until `max_queue_delay_ns` has passed.
 """
@@ -113,9 +114,15 @@ class BatchQueue:
         self._rows += entry.request.rows
         self.expected_rows = max(self.expected_rows - entry.request.rows, 0)
 
-    def completed(self, rows: int, now_ns: int) -> None:
-        """A batch of `rows` was answered: expect that many rows back."""
-        self.expected_rows += rows
+    def completed(self, rows: int, now_ns: int, compute_ns: int | None = None) -> None:
+        """A batch of `rows` was answered: expect that many rows back.
+
+        Only when its forward pass took at least `max_queue_delay_ns`: holding a batch for
+        longer than running one costs more than the fuller batch saves (an overhead-bound
+        model runs best on whatever is queued).
+        """
+        if compute_ns is None or compute_ns >= self.max_queue_delay_ns:
+            self.expected_rows += rows
         self._free_since_ns = now_ns
 
     def remove(self, entry: Entry) -> bool:

@@ -261,7 +261,8 @@ class Scheduler:
                     self._observe(telemetry, ran, rows, start, timings)
                 self._answer(ran, outputs)
         finally:
-            self.queue.completed(sum(e.request.rows for e in batch), time.monotonic_ns())
+            finished = time.monotonic_ns()
+            self.queue.completed(sum(e.request.rows for e in batch), finished, finished - start)
             self.in_flight -= len(batch)
             self._free.append(instance)
             self._wake.set()

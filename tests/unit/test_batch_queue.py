@@ -192,3 +192,27 @@ def test_every_request_answered_exactly_once(ops, max_batch, max_queue, preferre
         run(batch)
     assert len(q) == 0 and q.rows == 0
     assert sorted(fate) == list(range(len(entries)))
+
+
+def test_rows_expected_back_hold_a_batch_only_after_a_slow_forward_pass():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    q.completed(rows=3, now_ns=0, compute_ns=5000)  # slow: expect 3 rows back
+    q.append(entry(0, t=10))
+    assert q.next_batch(20) is None  # 1 row queued, 2 more expected: hold
+    assert q.hold_until_ns() == 1010
+    q.append(entry(1, t=30))
+    q.append(entry(2, t=40))  # all three are back
+    assert ids(q.next_batch(50)) == [0, 1, 2]
+    q.completed(rows=3, now_ns=60, compute_ns=100)  # fast: holding would cost more
+    q.append(entry(3, t=70))
+    assert ids(q.next_batch(80)) == [3]
+
+
+def test_a_hold_that_times_out_forgets_what_it_expected():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    q.completed(rows=4, now_ns=0, compute_ns=5000)
+    q.append(entry(0, t=0))
+    assert q.next_batch(500) is None
+    assert ids(q.next_batch(1000)) == [0]  # the others never came
+    q.append(entry(1, t=1100))
+    assert ids(q.next_batch(1100)) == [1]  # nothing held any more
