@@ -1,4 +1,4 @@
-"""The `salvo` command line: `salvo serve`, `salvo demo-repo`."""
+"""The `salvo` command line: serve, demo-repo (server side); infer, models, stats, bench (client)."""
 
 from __future__ import annotations
 
@@ -96,9 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Client-side commands (infer, models, stats, bench) need no torch: they live in the
     # light client package and work from the base install.
+    from salvo_client import bench
     from salvo_client.commands import add_commands
 
     add_commands(sub)
+    bench.add_parser(sub)
     return parser
 
 
