@@ -1,4 +1,4 @@
-"""The `salvo` command line: serve, demo-repo (server side); infer, models, stats, bench (client)."""
+"""The `salvo` command line: serve and demo-repo; infer, models, stats and bench (client)."""
 
 from __future__ import annotations
 
