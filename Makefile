@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -56,6 +56,9 @@ bench-cache: $(STAMP)
 
 bench-telemetry: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/telemetry.py
+
+bench-pipelined: $(STAMP)
+	$(BIN)/python benchmarks/pipelined.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -51,7 +51,7 @@ def observed(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
             return await handler(self, request, context)
         start = time.perf_counter()
         span = (
-            None if name in UNTRACED else telemetry.start_rpc(method, context.invocation_metadata())
+            None if name in UNTRACED else telemetry.start_rpc(method, context.invocation_metadata)
         )
         code = "OK"
         try:
@@ -367,7 +367,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if telemetry is None:
             return await self._infer_untraced(request, deadline_ns, context)
         start = time.perf_counter()
-        probe = Probe(telemetry.start_rpc(INFER, context.invocation_metadata()))
+        probe = Probe(telemetry.start_rpc(INFER, context.invocation_metadata))
         code, message = "OK", ""
         try:
             return await self._infer(request, deadline_ns, probe)
@@ -389,7 +389,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 version=probe.version,
                 probe=probe,
                 cache=probe.cache,
-                peer=context.peer(),
+                peer=context.peer,
             )
 
     async def _infer_untraced(self, request, deadline_ns, context):
@@ -415,7 +415,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             start = time.perf_counter()
-            probe = Probe(telemetry.start_rpc(STREAM, metadata)) if telemetry else None
+            probe = Probe(telemetry.start_rpc(STREAM, lambda: metadata)) if telemetry else None
             code, message = "OK", ""
             try:
                 response = await self._infer(request, None, probe)

@@ -16,6 +16,7 @@ written after the fact from the batcher's timestamps, so they cost nothing unles
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -329,11 +330,16 @@ class Telemetry:
 
     # -- requests --------------------------------------------------------------------------
 
-    def start_rpc(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Any:
-        """The SERVER span of one RPC (its parent from `traceparent`), or None if untraced."""
+    def start_rpc(
+        self, method: str, metadata: Callable[[], Iterable[tuple[str, Any]] | None]
+    ) -> Any:
+        """The SERVER span of one RPC (its parent from `traceparent`), or None if untraced.
+
+        `metadata` is called only when tracing is on: reading it costs on the hot path.
+        """
         if self.tracer is None:
             return None
-        carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
+        carrier = {k: v for k, v in metadata() or () if isinstance(v, str)}
         parent = extract(carrier) if "traceparent" in carrier else otel_context.Context()
         service, _, name = method.rpartition("/")
         return self.tracer.start_span(
@@ -354,20 +360,32 @@ class Telemetry:
         version: str = "",
         probe: Probe | None = None,
         cache: str = "",
-        peer: str = "",
+        peer: Callable[[], str] | str = "",
     ) -> None:
         """Finish an RPC: its span, its duration metric, and (for inferences) the rest."""
-        self.rpc_duration.record(
-            duration_s, {"rpc.method": method.rpartition("/")[2], "rpc.grpc.status_code": code}
-        )
+        self.rpc_duration.record(duration_s, self._rpc_labels(method, code))
         if model:
-            labels = {"model": model, "version": version}
-            self.requests.add(1, {**labels, "outcome": OUTCOMES.get(code, "error")})
+            labels = self._labels(model, version)
+            self.requests.add(1, self._outcome_labels(model, version, code))
             self.request_duration.record(duration_s, labels)
         if span is not None:
             self._finish_span(span, code, message, model, version, probe, cache)
         if model and self._take_log_token():
-            self._access_log(method, model, version, code, duration_s, probe, cache, peer, span)
+            who = peer() if callable(peer) else peer
+            self._access_log(method, model, version, code, duration_s, probe, cache, who, span)
+
+    # Attribute dicts are built once per label set and reused: the SDK only reads them.
+    @functools.lru_cache(maxsize=4096)  # noqa: B019  (one Telemetry per process)
+    def _rpc_labels(self, method: str, code: str) -> dict[str, str]:
+        return {"rpc.method": method.rpartition("/")[2], "rpc.grpc.status_code": code}
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
+    def _labels(self, model: str, version: str) -> dict[str, str]:
+        return {"model": model, "version": version}
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
+    def _outcome_labels(self, model: str, version: str, code: str) -> dict[str, str]:
+        return {"model": model, "version": version, "outcome": OUTCOMES.get(code, "error")}
 
     def _finish_span(
         self,
@@ -429,12 +447,12 @@ class Telemetry:
         span.end(end_time=wall_ns(end_ns))
 
     def record_batch(self, model: str, version: int, rows: int, compute_s: float) -> None:
-        labels = {"model": model, "version": str(version)}
+        labels = self._labels(model, str(version))
         self.batch_size.record(rows, labels)
         self.compute_duration.record(compute_s, labels)
 
     def record_queue(self, model: str, version: int, seconds: float) -> None:
-        self.queue_duration.record(seconds, {"model": model, "version": str(version)})
+        self.queue_duration.record(seconds, self._labels(model, str(version)))
 
     # -- access logs -----------------------------------------------------------------------
 
