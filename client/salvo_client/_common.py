@@ -71,6 +71,7 @@ _WIRE_DTYPES: dict[str, np.dtype] = {
     "BYTES": np.dtype(object),
 }
 """How each v2 datatype travels (little-endian) and how outputs come back in numpy."""
+WIRE_DTYPES = _WIRE_DTYPES
 
 _BY_KIND: dict[tuple[str, int], str] = {
     ("b", 1): "BOOL",

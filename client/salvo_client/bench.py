@@ -40,6 +40,7 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from salvo_client._common import WIRE_DTYPES
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -51,20 +52,6 @@ PAYLOAD_POOL = 16
 # The error name for a failure ModelStreamInfer reports in-band: it carries no status code.
 STREAM_ERROR = "STREAM_ERROR"
 
-_NUMPY_TYPES: dict[str, type[np.generic]] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
 
 # The request `id` is prepended to each pre-serialized request as its own field: protobuf
 # merges concatenated messages, so a fresh id costs a few bytes, not a re-serialization.
@@ -133,12 +120,12 @@ def tensor_bytes(spec: TensorSpec, input_data: str, rng: np.random.Generator) ->
         # bfloat16 is the upper half of a float32.
         values = np.zeros(count, np.float32) if zero else rng.random(count, np.float32)
         return (values.view(np.uint32) >> 16).astype("<u2").tobytes()
-    dtype = _NUMPY_TYPES.get(spec.datatype)
-    if dtype is None:
+    dtype = WIRE_DTYPES.get(spec.datatype)
+    if dtype is None or dtype.kind == "O":
         raise BenchError(f"input {spec.name!r}: unsupported datatype {spec.datatype}")
     if zero:
         array_ = np.zeros(count, dtype)
-    elif dtype is np.bool_:
+    elif dtype.kind == "b":
         array_ = rng.integers(0, 2, count).astype(np.bool_)
     elif np.issubdtype(dtype, np.integer):
         # Small non-negative values: safe for inputs used as indices or token ids.

@@ -22,28 +22,15 @@ from typing import Any
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from salvo_client._common import DEFAULT_URL
+from salvo_client._common import DEFAULT_URL, WIRE_DTYPES
 from salvo_client.client import InferenceClient
 from salvo_client.errors import SalvoClientError
 from salvo_client.proto import grpc_service_pb2 as pb
 
 __all__ = ["add_commands", "main"]
 
-_JSON_DTYPES: dict[str, type] = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
+# Inline JSON inputs: every v2 datatype but BF16 (numpy has none to parse into).
+_JSON_DTYPES = {name: dtype for name, dtype in WIRE_DTYPES.items() if name != "BF16"}
 
 
 def _targets(url: str) -> str | list[str]:
