@@ -63,3 +63,38 @@ def start_receiver() -> tuple[Receiver, grpc.Server, int]:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     return receiver, server, port
+
+
+def start_http_receiver() -> tuple[Receiver, object, int]:
+    """The same Receiver behind OTLP/HTTP (protobuf bodies on /v1/traces and /v1/metrics)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    receiver = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802  (http.server's naming)
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path == "/v1/traces":
+                reply = receiver.Export(
+                    trace_service_pb2.ExportTraceServiceRequest.FromString(body), None
+                )
+            elif self.path == "/v1/metrics":
+                reply = receiver.Export(
+                    metrics_service_pb2.ExportMetricsServiceRequest.FromString(body), None
+                )
+            else:
+                self.send_error(404)
+                return
+            payload = reply.SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return receiver, server, server.server_address[1]

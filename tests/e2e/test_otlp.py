@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from tests.otlp import INFER, start_receiver
+from tests.otlp import INFER, start_http_receiver, start_receiver
 from tests.servers import ServerProcess
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -57,6 +57,23 @@ def test_spans_and_metrics_reach_a_real_otlp_receiver(demo_repo, receiver):
         "salvo.batch.size",
         "salvo.queue.depth",
     } <= receiver.metric_names
+
+
+def test_otlp_over_http_protobuf(demo_repo):
+    receiver, http_server, port = start_http_receiver()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        "OTEL_METRIC_EXPORT_INTERVAL": "300",
+    }
+    try:
+        with ServerProcess(demo_repo, env=env) as server:
+            infer(server.grpc_target, 3)
+            assert receiver.got_spans.wait(30), [s.name for s in receiver.spans]
+            assert receiver.got_metrics.wait(30), receiver.metric_names
+    finally:
+        http_server.shutdown()
 
 
 def test_a_collector_that_never_answers_costs_dropped_spans_only(demo_repo):
