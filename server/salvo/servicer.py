@@ -24,8 +24,9 @@ from . import __version__
 from .cache import ResponseCache
 from .codec import decode_inputs, encode_outputs
 from .config import ModelConfig
+from .datatypes import DATATYPES
 from .errors import DeadlineExceeded, InvalidRequest, Overloaded, SalvoError, status_for
-from .repository import ModelManager, ModelVersion
+from .repository import ModelEntry, ModelManager, ModelVersion
 from .telemetry import Probe, Telemetry
 from .validation import InferRequest, validate_request
 
@@ -154,8 +155,6 @@ def config_to_proto(config: ModelConfig, device_type: str = "cpu") -> mc.ModelCo
 
 
 def _enum(datatype: str) -> str:
-    from .datatypes import DATATYPES
-
     return DATATYPES[datatype].config_enum
 
 
@@ -257,7 +256,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         out = pb.RepositoryIndexResponse()
         with contextlib.suppress(Exception):
             for name in self.models.discover():
-                self.models.models.setdefault(name, _unloaded(name))
+                self.models.models.setdefault(name, ModelEntry(name))
         for name in sorted(self.models.models):
             entry = self.models.models[name]
             if request.ready and entry.state.value != "READY":
@@ -274,25 +273,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @observed
     async def RepositoryModelLoad(self, request, context):
-        try:
-            await self.models.load(request.model_name)
-        except SalvoError as exc:
-            await _abort(context, exc)
-        finally:
-            if self.on_change is not None:
-                await self.on_change()
+        await self._repository_change(self.models.load(request.model_name), context)
         return pb.RepositoryModelLoadResponse()
 
     @observed
     async def RepositoryModelUnload(self, request, context):
+        await self._repository_change(self.models.unload(request.model_name), context)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _repository_change(self, change: Awaitable[None], context) -> None:
+        """Run a load or unload; health is re-derived afterwards, whether it worked or not."""
         try:
-            await self.models.unload(request.model_name)
+            await change
         except SalvoError as exc:
             await _abort(context, exc)
         finally:
             if self.on_change is not None:
                 await self.on_change()
-        return pb.RepositoryModelUnloadResponse()
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline_ns: int | None, probe: Probe | None = None
@@ -471,9 +468,3 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-
-
-def _unloaded(name: str):
-    from .repository import ModelEntry
-
-    return ModelEntry(name)

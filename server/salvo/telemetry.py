@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -526,10 +526,3 @@ def _cuda_memory(options: CallbackOptions) -> Iterable[Observation]:
         Observation(torch.cuda.memory_allocated(i), {"device": f"cuda:{i}"})
         for i in range(torch.cuda.device_count())
     ]
-
-
-def metadata_pairs(metadata: Mapping[str, str] | Iterable[tuple[str, Any]] | None):
-    """gRPC invocation metadata as (key, value) pairs."""
-    if metadata is None:
-        return ()
-    return metadata.items() if isinstance(metadata, Mapping) else metadata
