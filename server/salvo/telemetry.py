@@ -1,7 +1,10 @@
 """Traces, metrics and access logs: the cross-cutting observability layer.
 
-Metrics come from one set of OpenTelemetry instruments read two ways: pulled by Prometheus
-from the HTTP port's /metrics, and pushed over OTLP when an endpoint is configured. Traces
+Metrics come from one set of instruments read two ways: pulled by Prometheus from the HTTP
+port's /metrics, and pushed over OTLP when an endpoint is configured. Gauges and counters
+read at collection time are OpenTelemetry observable instruments; the ones recorded per
+request are salvo.meters points (an SDK record costs ~7 µs, these under 1 µs), which the
+same OpenTelemetry readers collect. Traces
 go over OTLP (gRPC, or HTTP/protobuf by OTEL_EXPORTER_OTLP_PROTOCOL) when an endpoint is
 configured; sampling follows OTEL_TRACES_SAMPLER. The standard OTEL_* variables configure
 both; OTEL_SDK_DISABLED=true turns traces and OTLP pushes off (/metrics stays).
@@ -32,13 +35,14 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagate import extract
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from . import __version__
+from .meters import CounterPoint, HistogramPoint, Meters
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("salvo.access")
@@ -195,6 +199,29 @@ OUTCOMES = {
 }
 
 
+class _ModelPoints:
+    """The bound metric points of one model version."""
+
+    __slots__ = ("_telemetry", "_labels", "_outcomes", "duration", "queue", "compute", "batch_size")
+
+    def __init__(self, telemetry: Telemetry, labels: dict[str, str]) -> None:
+        self._telemetry = telemetry
+        self._labels = labels
+        self._outcomes: dict[str, CounterPoint] = {}
+        self.duration = telemetry.request_duration.bind(labels)
+        self.queue = telemetry.queue_duration.bind(labels)
+        self.compute = telemetry.compute_duration.bind(labels)
+        self.batch_size = telemetry.batch_size.bind(labels)
+
+    def outcome(self, code: str) -> CounterPoint:
+        point = self._outcomes.get(code)
+        if point is None:
+            outcome = OUTCOMES.get(code, "error")
+            point = self._telemetry.requests.bind({**self._labels, "outcome": outcome})
+            self._outcomes[code] = point
+        return point
+
+
 class Telemetry:
     """Every signal Salvo emits, behind a few cheap calls from the servicer and batcher."""
 
@@ -236,35 +263,29 @@ class Telemetry:
         push = None if disabled else _metric_push_reader()
         if push is not None:
             readers.append(push)
-        views = [
-            View(
-                instrument_name="salvo.batch.size",
-                aggregation=ExplicitBucketHistogramAggregation(BATCH_BUCKETS),
-            ),
-            View(
-                instrument_name="*duration*",
-                aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
-            ),
-        ]
-        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource, views=views)
+        self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
         meter = self.meter_provider.get_meter("salvo", __version__)
-        self.rpc_duration = meter.create_histogram(
-            "rpc.server.call.duration", unit="s", description="Duration of RPCs served"
+        # The per-request instruments are plain Python points (salvo.meters): an SDK
+        # record costs ~7 µs on the event loop, these well under 1 µs.
+        self.meters = Meters(resource, InstrumentationScope("salvo", __version__))
+        self.meters.attach(readers)
+        self.rpc_duration = self.meters.histogram(
+            "rpc.server.call.duration", "s", "Duration of RPCs served", SECONDS_BUCKETS
         )
-        self.requests = meter.create_counter(
-            "salvo.requests", unit="{request}", description="Inference requests by outcome"
+        self.requests = self.meters.counter(
+            "salvo.requests", "{request}", "Inference requests by outcome"
         )
-        self.request_duration = meter.create_histogram(
-            "salvo.request.duration", unit="s", description="End-to-end inference latency"
+        self.request_duration = self.meters.histogram(
+            "salvo.request.duration", "s", "End-to-end inference latency", SECONDS_BUCKETS
         )
-        self.queue_duration = meter.create_histogram(
-            "salvo.queue.duration", unit="s", description="Time requests wait in the batch queue"
+        self.queue_duration = self.meters.histogram(
+            "salvo.queue.duration", "s", "Time requests wait in the batch queue", SECONDS_BUCKETS
         )
-        self.compute_duration = meter.create_histogram(
-            "salvo.compute.duration", unit="s", description="Forward pass time per batch"
+        self.compute_duration = self.meters.histogram(
+            "salvo.compute.duration", "s", "Forward pass time per batch", SECONDS_BUCKETS
         )
-        self.batch_size = meter.create_histogram(
-            "salvo.batch.size", unit="{row}", description="Rows per executed batch"
+        self.batch_size = self.meters.histogram(
+            "salvo.batch.size", "{row}", "Rows per executed batch", BATCH_BUCKETS
         )
         self.sources: list[Callable[[], Iterable[tuple[str, float, dict[str, str]]]]] = []
         meter.create_observable_gauge(
@@ -363,29 +384,28 @@ class Telemetry:
         peer: Callable[[], str] | str = "",
     ) -> None:
         """Finish an RPC: its span, its duration metric, and (for inferences) the rest."""
-        self.rpc_duration.record(duration_s, self._rpc_labels(method, code))
+        self._rpc_point(method, code).record(duration_s)
         if model:
-            labels = self._labels(model, version)
-            self.requests.add(1, self._outcome_labels(model, version, code))
-            self.request_duration.record(duration_s, labels)
+            points = self._model_points(model, version)
+            points.outcome(code).add()
+            points.duration.record(duration_s)
         if span is not None:
             self._finish_span(span, code, message, model, version, probe, cache)
         if model and self._take_log_token():
             who = peer() if callable(peer) else peer
             self._access_log(method, model, version, code, duration_s, probe, cache, who, span)
 
-    # Attribute dicts are built once per label set and reused: the SDK only reads them.
+    # Points are bound once per label set; label values come only from resolved models and
+    # the fixed sets of methods and status codes, so their number stays small.
     @functools.lru_cache(maxsize=4096)  # noqa: B019  (one Telemetry per process)
-    def _rpc_labels(self, method: str, code: str) -> dict[str, str]:
-        return {"rpc.method": method.rpartition("/")[2], "rpc.grpc.status_code": code}
+    def _rpc_point(self, method: str, code: str) -> HistogramPoint:
+        return self.rpc_duration.bind(
+            {"rpc.method": method.rpartition("/")[2], "rpc.grpc.status_code": code}
+        )
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019
-    def _labels(self, model: str, version: str) -> dict[str, str]:
-        return {"model": model, "version": version}
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019
-    def _outcome_labels(self, model: str, version: str, code: str) -> dict[str, str]:
-        return {"model": model, "version": version, "outcome": OUTCOMES.get(code, "error")}
+    def _model_points(self, model: str, version: str) -> _ModelPoints:
+        return _ModelPoints(self, {"model": model, "version": version})
 
     def _finish_span(
         self,
@@ -447,12 +467,12 @@ class Telemetry:
         span.end(end_time=wall_ns(end_ns))
 
     def record_batch(self, model: str, version: int, rows: int, compute_s: float) -> None:
-        labels = self._labels(model, str(version))
-        self.batch_size.record(rows, labels)
-        self.compute_duration.record(compute_s, labels)
+        points = self._model_points(model, str(version))
+        points.batch_size.record(rows)
+        points.compute.record(compute_s)
 
     def record_queue(self, model: str, version: int, seconds: float) -> None:
-        self.queue_duration.record(seconds, self._labels(model, str(version)))
+        self._model_points(model, str(version)).queue.record(seconds)
 
     # -- access logs -----------------------------------------------------------------------
 
