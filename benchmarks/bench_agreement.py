@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
+    STABILITY_RETRIES,
     ServerProcess,
     batch_counts,
     machine,
@@ -45,25 +46,17 @@ def children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-# perf_analyzer's stability threshold (-s, percent), loosened on each retry: on a busy
-# machine three windows within 25% of each other may never come. A later flag overrides
-# an earlier one, so these extend common.perf_analyzer's defaults.
-RETRIES = ((), ("-s", "50"), ("-s", "100", "--max-trials", "10"))
-
-
 def run_perf_analyzer(target: str, model: str, concurrency: int, window_ms: int) -> dict:
     """perf_analyzer's stable measurement, with a looser stability check on each retry."""
-    for attempt, extra in enumerate(RETRIES):
+    for attempt, extra in enumerate(STABILITY_RETRIES):
         cpu, wall = children_cpu_s(), time.monotonic()
         try:
             row = perf_analyzer(target, model, concurrency, window_ms=window_ms, extra=extra)
         except RuntimeError as exc:
-            if "stable" not in str(exc) or attempt == len(RETRIES) - 1:
+            if "stable" not in str(exc) or attempt == len(STABILITY_RETRIES) - 1:
                 raise
-            print(
-                f"  perf_analyzer: no stable window, retrying with {RETRIES[attempt + 1]}",
-                flush=True,
-            )
+            retry = " ".join(STABILITY_RETRIES[attempt + 1])
+            print(f"  perf_analyzer: no stable window, retrying with {retry}", flush=True)
             continue
         return {
             "throughput": float(row["Inferences/Second"]),

@@ -35,11 +35,14 @@ def settings(receiver_port: int, black_hole_port: int) -> dict[str, dict[str, st
         "metrics only (no OTLP endpoint)": {},
         "traces 1% sampled": {**live, "OTEL_TRACES_SAMPLER_ARG": "0.01"},
         "traces 100% sampled": {**live, "OTEL_TRACES_SAMPLER_ARG": "1.0"},
-        "collector never answers, 100% sampled": {
-            **live,
-            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{black_hole_port}",
-            "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
-            "OTEL_TRACES_SAMPLER_ARG": "1.0",
+        **{
+            f"collector never answers, {label} sampled": {
+                **live,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{black_hole_port}",
+                "OTEL_EXPORTER_OTLP_TIMEOUT": "1",
+                "OTEL_TRACES_SAMPLER_ARG": ratio,
+            }
+            for label, ratio in (("1%", "0.01"), ("100%", "1.0"))
         },
     }
 
