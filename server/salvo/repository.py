@@ -211,7 +211,8 @@ class ModelManager:
             latest = entry.latest()
             assert latest is not None
             return latest
-        if not version.isdigit():
+        # ASCII only: str.isdigit() also takes "²", which int() refuses, and "١".
+        if not (version.isascii() and version.isdigit()):
             raise ModelNotFound(f"model '{name}' has no version {version!r}")
         mv = entry.versions.get(int(version))
         if mv is None:

@@ -24,6 +24,7 @@ from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
 from .cache import ResponseCache
+from .parsing import refuse_undecodable
 from .repository import ModelLoader, ModelManager
 from .servicer import InferenceServicer
 from .settings import Settings
@@ -65,11 +66,12 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     """Register the v2 service; ModelInfer may answer with ready serialized bytes.
 
     A cached response is stored serialized, so the hot path of a cache hit appends the
-    caller's id to those bytes instead of building and serializing a message.
+    caller's id to those bytes instead of building and serializing a message. A request
+    message that does not parse is answered INVALID_ARGUMENT (see `parsing`).
     """
     capture = _Capture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
-    handlers = dict(capture.handlers)
+    handlers = {name: refuse_undecodable(h) for name, h in capture.handlers.items()}
     handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
         response_serializer=_serialize_response
     )
