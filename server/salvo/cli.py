@@ -30,7 +30,25 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
+_ACCESS_FLAGS: dict[str, tuple[type, str]] = {
+    "tls_cert_file": (Path, "PEM certificate chain: serve gRPC over TLS"),
+    "tls_key_file": (Path, "PEM private key of --tls-cert-file"),
+    "tls_client_ca_file": (Path, "PEM CA that client certificates must chain to (mutual TLS)"),
+    "auth_tokens_file": (Path, "YAML/JSON bearer tokens and their rights (see README)"),
+    "repository_rpcs": (str, "auto, enabled or disabled: RepositoryModelLoad/Unload"),
+    "rate_limit_per_s": (float, "requests/s per client, token name or peer (0: off)"),
+    "rate_limit_burst": (int, "requests a client may send at once (0: one second's worth)"),
+    "max_concurrent_rpcs": (int, "RPCs served at once, more get RESOURCE_EXHAUSTED (0: no cap)"),
+    "max_connection_age_s": (float, "age after which clients are told to reconnect (0: never)"),
+}
+"""Flags for the security, admission and connection settings (SALVO_AUTH_TOKEN is env only:
+a secret on a command line is visible to every user of the machine)."""
+
+
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from .errors import ConfigError
     from .settings import Settings
 
     overrides = {
@@ -43,10 +61,15 @@ def _serve(args: argparse.Namespace) -> int:
             "drain_timeout_s": args.drain_timeout_s,
             "torch_threads": args.torch_threads,
             "log_level": args.log_level,
+            **{name: getattr(args, name) for name in _ACCESS_FLAGS},
         }.items()
         if value is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"salvo serve: {exc}", file=sys.stderr)
+        return 2
     _setup_logging(settings.log_level)
     if settings.torch_threads:
         import torch
@@ -57,7 +80,11 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         await SalvoServer(settings).run_until_signalled()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigError as exc:  # a TLS file or the tokens file: say which, no traceback
+        logging.getLogger("salvo").error("cannot start: %s", exc)
+        return 2
     return 0
 
 
@@ -88,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout-s", type=float, help="graceful drain bound on SIGTERM")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: default)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    for name, (kind, text) in _ACCESS_FLAGS.items():
+        serve.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)
     serve.set_defaults(func=_serve)
 
     demo = sub.add_parser("demo-repo", help="write the demo model repository (offline, seeded)")

@@ -23,12 +23,14 @@ from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
+from .auth import build_interceptors, refuse_repository_changes, repository_changes_allowed
 from .cache import ResponseCache
 from .parsing import refuse_undecodable
 from .repository import ModelLoader, ModelManager
 from .servicer import InferenceServicer
 from .settings import Settings
 from .telemetry import Telemetry
+from .transport import bind, grpc_options
 
 log = logging.getLogger("salvo")
 
@@ -62,12 +64,15 @@ class _Capture:
         self.service, self.handlers = service, handlers
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_inference_service(
+    servicer: InferenceServicer, server: grpc.aio.Server, repository_changes: bool = True
+) -> None:
     """Register the v2 service; ModelInfer may answer with ready serialized bytes.
 
     A cached response is stored serialized, so the hot path of a cache hit appends the
     caller's id to those bytes instead of building and serializing a message. A request
-    message that does not parse is answered INVALID_ARGUMENT (see `parsing`).
+    message that does not parse is answered INVALID_ARGUMENT (see `parsing`). Without
+    `repository_changes`, load and unload answer PERMISSION_DENIED.
     """
     capture = _Capture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
@@ -75,6 +80,8 @@ def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) 
     handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
         response_serializer=_serialize_response
     )
+    if not repository_changes:
+        handlers = refuse_repository_changes(handlers)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(capture.service, handlers),)
     )
@@ -118,12 +125,11 @@ class SalvoServer:
         from .httpserver import HttpServer
 
         s = self.settings
-        options = [
-            ("grpc.max_receive_message_length", s.max_message_bytes),
-            ("grpc.max_send_message_length", s.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(
+            options=grpc_options(s),
+            interceptors=build_interceptors(s),
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs or None,
+        )
         self.servicer = InferenceServicer(
             self.models,
             self.ready,
@@ -132,7 +138,7 @@ class SalvoServer:
             cache=self.cache,
             telemetry=self.telemetry,
         )
-        add_inference_service(self.servicer, self.server)
+        add_inference_service(self.servicer, self.server, repository_changes_allowed(s))
         self.health = health_async.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for module in (health_pb2, reflection_pb2):
@@ -145,9 +151,7 @@ class SalvoServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # Liveness for orchestrators: the process serves, whatever its models do.
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
-        self.grpc_port = self.server.add_insecure_port(f"{s.host}:{s.grpc_port}")
-        if not self.grpc_port:
-            raise OSError(f"cannot bind gRPC port {s.host}:{s.grpc_port}")
+        self.grpc_port = bind(self.server, s)
         await self.server.start()
 
         self.http = HttpServer(self.registry, self.is_ready)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,3 +40,58 @@ class Settings(BaseSettings):
     """torch intra-op threads; 0 keeps torch's default (one per core)."""
     log_level: str = "INFO"
     """Python logging level."""
+
+    # Security, admission and connections. TLS, tokens and rate limits are off by default.
+    tls_cert_file: Path | None = None
+    """PEM certificate chain for the gRPC port; with `tls_key_file` it serves TLS only.
+    The HTTP port (metrics, health) stays plaintext: keep it on a private network."""
+    tls_key_file: Path | None = None
+    """PEM private key of `tls_cert_file`."""
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle: clients must then present a certificate it signed (mutual TLS)."""
+    auth_tokens_file: Path | None = None
+    """YAML or JSON mapping each bearer token to `{name, models: [names] or "*", repository:
+    bool}`. With it (or `auth_token`) every RPC but health, ServerLive/ServerReady and
+    reflection needs `authorization: Bearer <token>`; read once at start-up."""
+    auth_token: SecretStr | None = None
+    """One bearer token with every right (named SALVO_AUTH_TOKEN); env only, never a flag."""
+    repository_rpcs: Literal["auto", "enabled", "disabled"] = "auto"
+    """RepositoryModelLoad/Unload: `disabled` answers PERMISSION_DENIED. `auto` enables them
+    when auth is on (then only tokens with `repository: true` may call them) or when the
+    server binds a loopback address, and disables them on a network without auth, so no
+    stranger can unload a model."""
+    rate_limit_per_s: float = Field(default=0.0, ge=0)
+    """Requests per second per client (a token bucket per token name, else per peer
+    address; each request of a stream counts); over it RESOURCE_EXHAUSTED with
+    `grpc-retry-pushback-ms`. 0 turns rate limiting off. Behind a proxy every client has
+    the proxy's address: use tokens there."""
+    rate_limit_burst: int = Field(default=0, ge=0)
+    """Requests a client may make at once before the rate applies; 0: one second's worth."""
+    max_concurrent_rpcs: int = Field(default=4096, ge=0)
+    """RPCs served at once (an open stream is one); more get RESOURCE_EXHAUSTED at once,
+    which bounds memory under a flood of connections. Probes count too. 0: no cap."""
+    max_connection_age_s: float = Field(default=300.0, ge=0)
+    """A connection older than this (gRPC adds ±10% jitter) is told to go away, so clients
+    reconnect and spread onto new replicas; calls in flight carry on. 0: never."""
+    max_connection_age_grace_s: float = Field(default=math.inf, gt=0)
+    """How long calls in flight on an aged connection may still run before it is closed.
+    The default (inf) never cuts one, so long ModelStreamInfer streams survive."""
+    keepalive_time_s: float = Field(default=60.0, gt=0)
+    """The server pings each idle connection this often to find dead clients."""
+    keepalive_timeout_s: float = Field(default=20.0, gt=0)
+    """A ping unanswered for this long closes the connection."""
+    keepalive_min_ping_interval_s: float = Field(default=10.0, ge=0)
+    """The shortest interval between a client's pings the server tolerates; clients that
+    ping more often are disconnected (gRPC's ping-abuse policy; its default is 5 min)."""
+    keepalive_permit_without_calls: bool = True
+    """Allow keepalive pings on connections with no call in flight, so idle clients and load
+    balancers keep their connections."""
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Settings:
+        """A certificate needs its key, and a client CA needs a server certificate."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        return self
