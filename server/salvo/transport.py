@@ -70,7 +70,14 @@ def bind(server: grpc.aio.Server, s: Settings) -> int:
     if credentials is None:
         port = server.add_insecure_port(address)
     else:
-        port = server.add_secure_port(address, credentials)
+        try:
+            port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            # gRPC says only "failed to bind" when it cannot use the certificate or key.
+            raise ConfigError(
+                f"cannot serve TLS on {address} with {s.tls_cert_file} and {s.tls_key_file}:"
+                " not a PEM certificate chain and its private key, or the port is taken"
+            ) from None
     if not port:
         raise OSError(f"cannot bind gRPC port {address}")
     tls = "off" if credentials is None else "mutual" if s.tls_client_ca_file else "on"

@@ -3,6 +3,7 @@ tritonclient as referees: right credentials work, anything else fails with its s
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from salvo.errors import ConfigError
+from salvo.server import SalvoServer
+from salvo.settings import Settings
 from salvo_client import (
     InferenceClient,
     PermissionDenied,
@@ -270,3 +274,18 @@ def test_server_only_tls_and_disabled_repository_rpcs(repo, pki):
         with pytest.raises(InferenceServerException) as refused:
             referee.load_model("mlp")
         assert refused.value.status() == "StatusCode.PERMISSION_DENIED"
+
+
+def test_unusable_tls_files_stop_start_up_naming_them(repo, pki, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    for cert, key, message in (
+        (garbage, pki.server_key, "garbage.pem.*not a PEM certificate chain"),
+        (pki.server_cert, tmp_path / "absent.key", "tls_key_file .*absent.key: cannot read it"),
+    ):
+        settings = Settings(
+            model_repository=repo, grpc_port=0, http_port=0, tls_cert_file=cert, tls_key_file=key
+        )
+        server = SalvoServer(settings)
+        with pytest.raises(ConfigError, match=message):
+            asyncio.run(server.start())
