@@ -200,6 +200,17 @@ class ResponseCache:
             self._discard(digest)
         return len(doomed)
 
+    def lookup(self, key: CacheKey, model: str) -> bytes | None:
+        """The cached value, counted as a hit; None on a miss (not counted: see get_or_compute).
+
+        Synchronous, so the hot path answers a hit without creating a task or a coroutine.
+        """
+        value = self.get(key)
+        if value is not None:
+            self.stats.total.hits += 1
+            self.stats.model(model).hits += 1
+        return value
+
     async def get_or_compute(
         self, key: CacheKey, model: str, compute: Callable[[], Awaitable[bytes]]
     ) -> tuple[bytes, str]:
@@ -209,12 +220,10 @@ class ResponseCache:
         cancel it for the others waiting on the same key; a failure reaches every waiter
         and nothing is stored.
         """
-        counters = (self.stats.total, self.stats.model(model))
-        value = self.get(key)
+        value = self.lookup(key, model)
         if value is not None:
-            for c in counters:
-                c.hits += 1
             return value, "hit"
+        counters = (self.stats.total, self.stats.model(model))
         task = self._inflight.get(key.digest)
         if task is not None:
             for c in counters:

@@ -310,11 +310,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             cache = self.cache
             if cache is not None and mv.config.response_cache.enable and _cacheable(parameters):
                 key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
-                lookup = cache.get_or_compute(key, mv.name, lambda: self._serialized(mv, validated))
-                if deadline_ns is None:
-                    value, outcome = await lookup
+                hit = cache.lookup(key, mv.name)
+                if hit is not None:
+                    value, outcome = hit, "hit"
                 else:
-                    value, outcome = await _within(lookup, deadline_ns)
+                    lookup = cache.get_or_compute(
+                        key, mv.name, lambda: self._serialized(mv, validated)
+                    )
+                    value, outcome = await (
+                        lookup if deadline_ns is None else _within(lookup, deadline_ns)
+                    )
                 elapsed = time.monotonic_ns() - start
                 if probe is not None:
                     probe.cache = outcome
