@@ -23,7 +23,7 @@ from tests.servers import InProcessServer
 
 RATE_PER_S = 2.0
 BURST = 3
-TOKENS = ("flood", "quiet", "solo", "streamer")
+TOKENS = ("flood", "quiet", "solo", "patient", "streamer")
 X = np.ones((1, 64), np.float32)
 
 
@@ -84,6 +84,16 @@ def test_over_the_rate_is_shed_with_pushback(limited):
     assert shed.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
     assert "rate limit: client 'solo'" in shed.details()  # type: ignore[attr-defined]
     assert 0 < pushback_ms(shed) <= 1000 / RATE_PER_S
+
+
+def test_a_client_that_waits_out_the_pushback_is_served(limited):
+    """gRPC's retry policy (salvo_client's default) waits the push-back, then succeeds."""
+    channel, infer = stub(limited.grpc_target)
+    with channel:
+        call_until_shed(infer, (("authorization", "Bearer patient-token"),))
+    with InferenceClient(limited.grpc_target, token="patient-token", retries=1) as patient:
+        # Its first attempt is shed (the bucket refills in 500 ms); the retry waits that out.
+        assert patient.infer("mlp", {"input": X})["output"].shape == (1, 10)
 
 
 def test_a_flooding_client_does_not_starve_another(limited):
