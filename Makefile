@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ bench-telemetry: $(STAMP) perf-venv
 
 bench-pipelined: $(STAMP)
 	$(BIN)/python benchmarks/pipelined.py
+
+# Salvo vs MLServer (own venv, .venv-mlserver) vs a bare grpc.aio server; about 20 minutes.
+bench-compare: $(STAMP) perf-venv
+	benchmarks/setup_mlserver.sh
+	$(BIN)/python benchmarks/compare.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
