@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,9 +20,15 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if _WORKER is not None:
+            entry["worker"] = _WORKER
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+# The index of this process under `salvo serve --workers N` (salvo.workers sets it).
+_WORKER = int(os.environ["SALVO_WORKER_ID"]) if "SALVO_WORKER_ID" in os.environ else None
 
 
 def _setup_logging(level: str) -> None:
@@ -60,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
             "host": args.host,
             "drain_timeout_s": args.drain_timeout_s,
             "torch_threads": args.torch_threads,
+            "workers": args.workers,
             "log_level": args.log_level,
             **{name: getattr(args, name) for name in _ACCESS_FLAGS},
         }.items()
@@ -71,6 +79,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"salvo serve: {exc}", file=sys.stderr)
         return 2
     _setup_logging(settings.log_level)
+    if settings.workers > 1:
+        from .workers import Supervisor
+
+        asyncio.run(Supervisor(settings, settings.workers).run_until_signalled())
+        return 0
     if settings.torch_threads:
         import torch
 
@@ -114,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--drain-timeout-s", type=float, help="graceful drain bound on SIGTERM")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: default)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the gRPC port, each with its own models (default 1)",
+    )
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     for name, (kind, text) in _ACCESS_FLAGS.items():
         serve.add_argument(f"--{name.replace('_', '-')}", type=kind, help=text)

@@ -42,7 +42,7 @@ class HttpServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
-    def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
+    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
         path = path.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
@@ -67,7 +67,7 @@ class HttpServer:
                     keep_alive = False
                 else:
                     method, path, version = parts
-                    status, ctype, body = self._route(method, path)
+                    status, ctype, body = await self._route(method, path)
                     headers = {
                         k.strip().lower(): v.strip()
                         for k, _, v in (line.partition(":") for line in lines[1:] if line)

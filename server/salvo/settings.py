@@ -86,6 +86,11 @@ class Settings(BaseSettings):
     keepalive_permit_without_calls: bool = True
     """Allow keepalive pings on connections with no call in flight, so idle clients and load
     balancers keep their connections."""
+    workers: int = Field(default=1, ge=1)
+    """Server processes sharing the gRPC port (SO_REUSEPORT) under a supervisor, each with
+    its own models and event loop; see salvo.workers."""
+    reuse_port: bool = False
+    """Bind the gRPC port with SO_REUSEPORT (set by the supervisor for its workers)."""
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:

@@ -27,7 +27,7 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(s.reuse_port)),  # workers share the port (salvo.workers)
         ("grpc.keepalive_time_ms", _ms(s.keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", _ms(s.keepalive_timeout_s)),
         ("grpc.keepalive_permit_without_calls", int(s.keepalive_permit_without_calls)),
