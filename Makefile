@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare bench-workers clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,9 @@ bench-telemetry: $(STAMP) perf-venv
 
 bench-pipelined: $(STAMP)
 	$(BIN)/python benchmarks/pipelined.py
+
+bench-workers: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/workers.py
 
 # Salvo vs MLServer (own venv, .venv-mlserver) vs a bare grpc.aio server; about 20 minutes.
 bench-compare: $(STAMP) perf-venv

@@ -159,4 +159,12 @@ def today() -> str:
     return date.today().isoformat()
 
 
-__all__ = ["ServerProcess", "machine", "measure", "raw_throughput", "write_section", "today"]
+__all__ = [
+    "ServerProcess",
+    "machine",
+    "measure",
+    "raw_throughput",
+    "stable_perf_analyzer",
+    "write_section",
+    "today",
+]
