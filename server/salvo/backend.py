@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from .config import ModelConfig
-from .errors import ConfigError, ModelFailed
+from .datatypes import DATATYPES
+from .errors import ConfigError, ModelFailed, Overloaded, SalvoError
 
 MODEL_FILES = ("model.pt", "model.pt2")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".bin", ".joblib", ".ckpt")
@@ -44,6 +45,14 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "FP64": torch.float64,
     "BF16": torch.bfloat16,
 }
+
+
+PRECISIONS: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+"""The dtype a model computes in per `optimization.precision`; None leaves it as exported."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -143,6 +152,8 @@ class LoadedModel:
         self.path = path
         self.module = module
         self.device = device
+        self.compute_dtype = PRECISIONS[config.optimization.precision]
+        self.channels_last = config.optimization.channels_last
 
     @classmethod
     def load(cls, config: ModelConfig, version_dir: Path) -> LoadedModel:
@@ -162,7 +173,33 @@ class LoadedModel:
             raise
         except Exception as exc:  # torch's loaders raise many types; the message is what matters
             raise ConfigError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
-        return cls(config, path, module, device)
+        model = cls(config, path, _optimized(module, config), device)
+        if config.optimization.warmup:
+            model.warm_up()
+        return model
+
+    def warm_up(self) -> None:
+        """Forward passes of zeros at batch 1, each preferred size and the largest.
+
+        The first passes at a shape pick kernels and grow allocator pools (cuDNN's search,
+        oneDNN's primitive cache); done here, no request pays for them. Raises ConfigError
+        naming the model if it cannot run on zeros of its declared shapes.
+        """
+        sizes: set[int | None] = {None}
+        if self.config.max_batch_size:
+            batching = self.config.dynamic_batching
+            preferred = batching.preferred_batch_sizes if batching is not None else ()
+            sizes = {1, *preferred, self.config.max_batch_size}
+        for rows in sorted(sizes, key=lambda r: r or 0):
+            batch = () if rows is None else (rows,)
+            inputs = [
+                np.zeros((*batch, *(max(d, 1) for d in spec.dims)), DATATYPES[spec.datatype].numpy)
+                for spec in self.config.inputs
+            ]
+            try:
+                self.run(inputs)
+            except SalvoError as exc:
+                raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
 
     def assemble(self, requests: Sequence[Sequence[np.ndarray]]) -> list[Any]:
         """One contiguous buffer per input, from several requests' arrays (config order).
@@ -200,7 +237,7 @@ class LoadedModel:
             # Raw request buffers are read-only; the model never writes to its inputs.
             warnings.simplefilter("ignore", UserWarning)
             tensors = [
-                _to_torch(array, spec.datatype, self.device)
+                self._prepared(_to_torch(array, spec.datatype, self.device))
                 for array, spec in zip(inputs, self.config.inputs, strict=True)
             ]
         t1 = time.perf_counter_ns()
@@ -209,6 +246,15 @@ class LoadedModel:
                 raw = self.module(*tensors)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
+        except torch.cuda.OutOfMemoryError:
+            # This batch did not fit; smaller ones may. Free the allocator's cache for them.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = inputs[0].shape[0] if inputs and self.config.max_batch_size else 1
+            raise Overloaded(
+                f"model '{name}' ran out of device memory on a batch of {rows} rows",
+                retry_after_ms=100,
+            ) from None
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelFailed(f"model '{name}' raised {type(exc).__name__}: {first}") from None
@@ -241,6 +287,8 @@ class LoadedModel:
             if not isinstance(value, torch.Tensor):
                 raise ModelFailed(f"model '{name}' output '{spec.name}' is not a tensor")
             expected = TORCH_DTYPES[spec.datatype]
+            if self.compute_dtype is not None and value.dtype == self.compute_dtype:
+                value = value.to(expected)  # back to the declared datatype
             if value.dtype != expected:
                 raise ModelFailed(
                     f"model '{name}' output '{spec.name}': expected {spec.datatype}, "
@@ -254,6 +302,24 @@ class LoadedModel:
                 )
             arrays.append(_to_numpy(value))
         return arrays
+
+    def _prepared(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An input in the model's precision and memory layout."""
+        if self.compute_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(self.compute_dtype)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+
+def _optimized(module: Any, config: ModelConfig) -> Any:
+    """The loaded module in the configured precision and layout (converted once, here)."""
+    dtype = PRECISIONS[config.optimization.precision]
+    if dtype is not None:
+        module = module.to(dtype)
+    if config.optimization.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    return module
 
 
 def _to_torch(array: Any, datatype: str, device: torch.device) -> torch.Tensor:

@@ -8,6 +8,7 @@ batching), written in Salvo's own compact YAML. Every error names the file and t
     outputs: [{name: output, datatype: FP32, dims: [10]}]
     device: auto          # auto | cpu | cuda | cuda:N
     instance_count: 1
+    optimization: {precision: fp16, channels_last: true}   # fp32 | fp16 | bf16
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -79,6 +81,21 @@ class ResponseCacheConfig(_Strict):
     enable: bool = False
 
 
+class OptimizationConfig(_Strict):
+    """How the model runs: precision, memory layout, warm-up (all applied once, at load)."""
+
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    """The floating-point precision the model computes in. Weights are converted at load,
+    floating-point inputs on their way in, and outputs back to their declared datatype,
+    so clients see the same contract at any precision."""
+    channels_last: bool = False
+    """Convolutional models: weights and 4-D inputs in channels-last layout (NHWC), which
+    the fast convolution kernels on GPUs and recent CPUs prefer."""
+    warmup: bool = True
+    """Run a forward pass of zeros at load at batch size 1, each preferred size and the
+    maximum, so the first requests pay no kernel selection or allocation."""
+
+
 class VersionPolicy(_Strict):
     """Which versions serve: the `latest` N (default 1), `all`, or a `specific` list."""
 
@@ -115,6 +132,7 @@ class ModelConfig(_Strict):
     dynamic_batching: DynamicBatchingConfig | None = None
     version_policy: VersionPolicy = VersionPolicy()
     response_cache: ResponseCacheConfig = ResponseCacheConfig()
+    optimization: OptimizationConfig = OptimizationConfig()
     parameters: dict[str, str] = {}
 
     @field_validator("device")

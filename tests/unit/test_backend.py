@@ -7,14 +7,15 @@ import zipfile
 from pathlib import Path
 from unittest import mock
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torch.export.pt2_archive._package  # noqa: F401  (import before pickle is patched)
 
 from salvo.backend import LoadedModel
-from salvo.config import ModelConfig, TensorConfig
-from salvo.errors import ConfigError, ModelFailed
+from salvo.config import DynamicBatchingConfig, ModelConfig, OptimizationConfig, TensorConfig
+from salvo.errors import ConfigError, ModelFailed, Overloaded
 
 CONFIG = ModelConfig(
     name="lin",
@@ -22,6 +23,8 @@ CONFIG = ModelConfig(
     inputs=(TensorConfig(name="x", datatype="FP32", dims=(4,)),),
     outputs=(TensorConfig(name="y", datatype="FP32", dims=(3,)),),
 )
+# For models that fail at run time on purpose (warm-up would refuse them at load).
+NO_WARMUP = CONFIG.model_copy(update={"optimization": OptimizationConfig(warmup=False)})
 
 
 class Lin(torch.nn.Module):
@@ -157,11 +160,65 @@ class WrongDtype(torch.nn.Module):
 )
 def test_bad_model_output_fails_with_a_clear_message(tmp_path, module, message):
     save_script(tmp_path / "1", module)
-    model = LoadedModel.load(CONFIG, tmp_path / "1")
+    model = LoadedModel.load(NO_WARMUP, tmp_path / "1")
     with pytest.raises(ModelFailed) as info:
         model.run([np.ones((3, 4), np.float32)])
     assert message in str(info.value)
     assert "Traceback" not in str(info.value)
+
+
+def test_warm_up_runs_each_batch_size_and_a_broken_model_fails_its_load(tmp_path):
+    class Counting(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("rows_seen", torch.zeros(9, dtype=torch.int64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows_seen[x.shape[0]] += 1
+            return x[:, :3] * 0
+
+    save_script(tmp_path / "1", Counting())
+    config = CONFIG.model_copy(
+        update={"dynamic_batching": DynamicBatchingConfig(preferred_batch_sizes=(4,))}
+    )
+    model = LoadedModel.load(config, tmp_path / "1")
+    seen = model.module.rows_seen.tolist()
+    assert [rows for rows, count in enumerate(seen) if count] == [1, 4, 8]
+
+    save_script(tmp_path / "2", WrongRows())
+    with pytest.raises(ConfigError, match=r"model\.pt: warm-up failed: model 'lin' output 'y'"):
+        LoadedModel.load(CONFIG, tmp_path / "2")
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp16", 1e-2), ("bf16", 5e-2)])
+def test_lower_precision_keeps_the_declared_datatypes(tmp_path, precision, tolerance):
+    save_script(tmp_path / "1")
+    reference = LoadedModel.load(CONFIG, tmp_path / "1")
+    optimization = OptimizationConfig(precision=precision, channels_last=True)
+    model = LoadedModel.load(
+        CONFIG.model_copy(update={"optimization": optimization}), tmp_path / "1"
+    )
+    assert next(model.module.parameters()).dtype == getattr(
+        torch, {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    )
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 4)).astype(np.float32)
+    (got,), _ = model.run([x])
+    (want,), _ = reference.run([x])
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=tolerance)
+
+
+def test_device_out_of_memory_fails_the_batch_with_resource_exhausted(tmp_path):
+    class Hungry:
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model = LoadedModel(CONFIG, tmp_path / "model.pt", Hungry(), torch.device("cpu"))
+    with pytest.raises(
+        Overloaded, match="model 'lin' ran out of device memory on a batch of 3 rows"
+    ) as info:
+        model.run([np.ones((3, 4), np.float32)])
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_bf16_roundtrip(tmp_path):
