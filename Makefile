@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare bench-workers clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -67,6 +67,16 @@ bench-workers: $(STAMP) perf-venv
 bench-compare: $(STAMP) perf-venv
 	benchmarks/setup_mlserver.sh
 	$(BIN)/python benchmarks/compare.py
+
+# Issue 7: 100,000 fuzzed requests (minutes), 5x overload for 30 s, a 10-minute soak.
+bench-fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz.py
+
+bench-overload: $(STAMP)
+	$(BIN)/python benchmarks/overload.py
+
+bench-soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

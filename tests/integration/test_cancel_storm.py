@@ -16,16 +16,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from tests.gated import GatedLoader, write_model
+from tests.metrics import gauges
 from tests.servers import InProcessServer
 
 MODEL = "storm"
@@ -88,25 +87,14 @@ async def queued_ids(server: InProcessServer) -> set[str]:
     return await on_server(server, ids())
 
 
-def gauges(server: InProcessServer) -> dict[str, float]:
-    """salvo_queue_depth and salvo_inflight of the model, from /metrics."""
-    url = f"http://127.0.0.1:{server.server.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        text = reply.read().decode()
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            wanted = sample.name in ("salvo_queue_depth", "salvo_inflight")
-            if wanted and sample.labels.get("model") == MODEL:
-                found[sample.name] = sample.value
-    return found
-
-
 async def settle(server: InProcessServer, baseline: collections.Counter[str]) -> None:
     """Queue and in-flight at 0 (scheduler and /metrics), and no task left over."""
     scheduler = server.scheduler(MODEL)
     await until_on_server(server, lambda: not scheduler.queue and not scheduler.in_flight)
-    assert gauges(server) == {"salvo_queue_depth": 0.0, "salvo_inflight": 0.0}
+    assert gauges(server.server.http_port, MODEL) == {
+        "salvo_queue_depth": 0.0,
+        "salvo_inflight": 0.0,
+    }
 
     async def leftovers() -> collections.Counter[str]:
         # An RPC's task ends a moment after its status went out: wait for it, a bounded

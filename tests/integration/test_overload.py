@@ -11,16 +11,15 @@ The long version, 5x the saturating load for 30 s, is `make bench-overload`.
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from tests.gated import GatedLoader, write_model
+from tests.metrics import gauges
 from tests.servers import InProcessServer
 
 MODEL = "bounded"
@@ -76,18 +75,6 @@ async def counts(stub) -> tuple[int, int]:
     return inference.success.count, inference.fail.count
 
 
-def gauges(server: InProcessServer) -> dict[str, float]:
-    url = f"http://127.0.0.1:{server.server.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        families = text_string_to_metric_families(reply.read().decode())
-    return {
-        s.name: s.value
-        for family in families
-        for s in family.samples
-        if s.name in ("salvo_queue_depth", "salvo_inflight") and s.labels.get("model") == MODEL
-    }
-
-
 async def serves_normally(stub) -> None:
     assert await answer(stub.ModelInfer(request(7), timeout=30)) == "OK"
 
@@ -115,7 +102,10 @@ async def test_a_burst_far_above_the_queue_is_shed_at_once_with_pushback(server,
         assert ran == set(range(QUEUE + 1))
         assert await counts(stub) == (success + QUEUE + 1, fail + BURST)
         await asyncio.to_thread(server.wait_queued, MODEL, 0)
-        assert gauges(server) == {"salvo_queue_depth": 0.0, "salvo_inflight": 0.0}
+        assert gauges(server.server.http_port, MODEL) == {
+            "salvo_queue_depth": 0.0,
+            "salvo_inflight": 0.0,
+        }
         await serves_normally(stub)
 
 
@@ -131,5 +121,8 @@ async def test_overload_while_the_model_runs_is_accounted_for_exactly(server, lo
         after = await counts(stub)
         assert after == (success + results.count("OK"), fail + results.count("RESOURCE_EXHAUSTED"))
         await asyncio.to_thread(server.wait_queued, MODEL, 0)
-        assert gauges(server) == {"salvo_queue_depth": 0.0, "salvo_inflight": 0.0}
+        assert gauges(server.server.http_port, MODEL) == {
+            "salvo_queue_depth": 0.0,
+            "salvo_inflight": 0.0,
+        }
         await serves_normally(stub)
