@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
             "grpc_port": args.grpc_port,
             "http_port": args.http_port,
             "host": args.host,
+            "shutdown_grace_s": args.shutdown_grace_s,
             "drain_timeout_s": args.drain_timeout_s,
             "torch_threads": args.torch_threads,
             "workers": args.workers,
@@ -125,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks one)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8002; 0 picks one)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--drain-timeout-s", type=float, help="graceful drain bound on SIGTERM")
+    serve.add_argument(
+        "--shutdown-grace-s", type=float, help="on SIGTERM, serve on this long (default 5)"
+    )
+    serve.add_argument("--drain-timeout-s", type=float, help="then finish calls within this")
     serve.add_argument("--torch-threads", type=int, help="torch intra-op threads (0: default)")
     serve.add_argument(
         "--workers",

@@ -23,8 +23,11 @@ class Settings(BaseSettings):
     """gRPC port (Triton's default); 0 picks a free port, logged at start-up."""
     http_port: int = Field(default=8002, ge=0, le=65535)
     """HTTP port for /metrics and /v2/health/*; 0 picks a free port."""
+    shutdown_grace_s: float = Field(default=5.0, ge=0)
+    """On SIGTERM or SIGINT, how long new calls are still served while health reports
+    NOT_SERVING, so that load balancers move away first; a second signal cuts it short."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
-    """On SIGTERM, how long queued and running requests get to finish."""
+    """After that grace, how long queued and running requests get to finish."""
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     """Largest gRPC message accepted or sent."""
     stream_max_in_flight: int = Field(default=256, ge=1)
