@@ -67,7 +67,7 @@ class _Capture:
 def add_inference_service(
     servicer: InferenceServicer, server: grpc.aio.Server, repository_changes: bool = True
 ) -> None:
-    """Register the v2 service; ModelInfer may answer with ready serialized bytes.
+    """Register the v2 service; ModelInfer and ModelStreamInfer may answer with ready bytes.
 
     A cached response is stored serialized, so the hot path of a cache hit appends the
     caller's id to those bytes instead of building and serializing a message. A request
@@ -77,9 +77,8 @@ def add_inference_service(
     capture = _Capture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
     handlers = {name: refuse_undecodable(h) for name, h in capture.handlers.items()}
-    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(
-        response_serializer=_serialize_response
-    )
+    for method in ("ModelInfer", "ModelStreamInfer"):
+        handlers[method] = handlers[method]._replace(response_serializer=_serialize_response)
     if not repository_changes:
         handlers = refuse_repository_changes(handlers)
     server.add_generic_rpc_handlers(

@@ -101,6 +101,22 @@ def _id_field(request_id: str) -> bytes:
     return pb.ModelInferResponse(id=request_id).SerializeToString() if request_id else b""
 
 
+# ModelStreamInferResponse.infer_response is field 2, length-delimited: tag (2 << 3) | 2.
+_INFER_RESPONSE_TAG = b"\x12"
+
+
+def _stream_response(infer_response: bytes) -> bytes:
+    """ModelStreamInferResponse(infer_response=...) as wire bytes, from the serialized
+    response: its tensors are not copied into a new message and serialized again."""
+    size = len(infer_response)
+    prefix = bytearray(_INFER_RESPONSE_TAG)
+    while size > 0x7F:  # the length as a base-128 varint
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + infer_response
+
+
 async def _within(awaitable: Awaitable[_T], deadline_ns: int) -> _T:
     timeout_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
     try:
@@ -402,13 +418,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[bytes]:
         """Serve each request of the stream concurrently; answer each as soon as it is ready.
 
         An error is answered in-band (error_message, with the request's id) and the stream
         stays open. At most `stream_max_in_flight` requests of one stream run at once.
+        Responses leave as serialized ModelStreamInferResponse bytes (see _stream_response).
         """
-        responses: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        responses: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.stream_max_in_flight)
         tasks: set[asyncio.Task] = set()
 
@@ -421,9 +438,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             code, message = "OK", ""
             try:
                 response = await self._infer(request, None, probe)
-                if isinstance(response, bytes):
-                    response = pb.ModelInferResponse.FromString(response)
-                responses.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                if not isinstance(response, bytes):
+                    response = response.SerializeToString()
+                responses.put_nowait(_stream_response(response))
             except Exception as exc:
                 status, message = status_for(exc)
                 code = status.name
@@ -435,7 +452,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 # The stream stays OK, so the status travels as a parameter for clients.
                 failed.parameters["grpc_status"].int64_param = status.value[0]
                 responses.put_nowait(
-                    pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+                    pb.ModelStreamInferResponse(
+                        error_message=message, infer_response=failed
+                    ).SerializeToString()
                 )
             finally:
                 slots.release()
