@@ -73,7 +73,8 @@ bench-fuzz: $(STAMP)
 	$(BIN)/python benchmarks/fuzz.py
 
 bench-overload: $(STAMP)
-	$(BIN)/python benchmarks/overload.py
+	$(BIN)/python benchmarks/overload.py --model mlp
+	$(BIN)/python benchmarks/overload.py --model resnet
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
