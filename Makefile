@@ -63,6 +63,9 @@ bench-pipelined: $(STAMP)
 bench-workers: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/workers.py
 
+bench-hotpath: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/hotpath.py
+
 # Salvo vs MLServer (own venv, .venv-mlserver) vs a bare grpc.aio server; about 20 minutes.
 bench-compare: $(STAMP) perf-venv
 	benchmarks/setup_mlserver.sh

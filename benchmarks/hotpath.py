@@ -162,8 +162,8 @@ def main() -> None:
             f"`{args.model}`: {float(row['Inferences/Second']):,.0f} infer/s, p99 "
             f"{float(row['p99 latency']) / 1000:.2f} ms (under py-spy at 250 Hz). "
             f"{samples:,} samples of the event-loop thread. py-spy samples Python frames "
-            "only: time in compiled code counts against the Python frame that called it (gRPC's Cython "
-            "callbacks against asyncio's `Handle._run`).",
+            "only: time in compiled code counts against the Python frame that called "
+            "it (gRPC's Cython callbacks against asyncio's `Handle._run`).",
             "",
             *lines,
         ]
