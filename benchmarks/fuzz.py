@@ -18,6 +18,7 @@ import argparse
 import collections
 import os
 import random
+import shutil
 import sys
 import tempfile
 import threading
@@ -43,7 +44,7 @@ from tests.fuzzing import (  # noqa: E402
     random_mutations,
 )
 
-MODELS = ("mlp", "digits", "resnet")
+MODELS = ("mlp", "digits", "resnet", "mlp_cached")
 UNEXPECTED_LOG = ("Traceback", "unexpected error", "Unexpected [")
 
 
@@ -169,6 +170,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
         build_demo_repo(repo)
+        # The cache's key and coalescing see hostile requests too.
+        shutil.copytree(repo / "mlp", repo / "mlp_cached")
+        config = repo / "mlp_cached" / "config.yaml"
+        text = config.read_text().replace("name: mlp\n", "name: mlp_cached\n")
+        config.write_text(text + "response_cache: {enable: true}\n")
         configs = {name: load_config(repo / name) for name in MODELS}
         with ServerProcess(repo, "--torch-threads", "1") as server:
             before = answer(server.grpc_target)
@@ -210,7 +216,8 @@ Command: `make bench-fuzz` (`python benchmarks/fuzz.py --requests {args.requests
 --seed {args.seed}`), {today()}.
 Machine: {machine()}; load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at
 the end (a shared machine).
-Server: `salvo serve --torch-threads 1` on the demo repository (mlp, digits, resnet).
+Server: `salvo serve --torch-threads 1` on the demo repository (mlp, digits, resnet) plus
+`mlp_cached`, a copy of mlp with the response cache on.
 Requests: hypothesis builds each request field by field (model names and versions, hostile
 ones included; datatypes; shapes, negative and huge included; raw and typed contents of
 right and wrong sizes; parameters of every type; outputs; ids), and each is also sent

@@ -2,8 +2,10 @@
 
     make bench-overload        (or: .venv/bin/python benchmarks/overload.py)
 
-The demo repository's `mlp` gets `dynamic_batching.max_queue_size` (`--max-queue-size`) in
-a temporary copy, served by `salvo serve --torch-threads 1`. Phases, one server, one run:
+A demo model (`--model`: `mlp`, bound by the server's per-request cost, or `resnet`, bound
+by its forward pass) gets `dynamic_batching.max_queue_size` (`--max-queue-size`) in a
+temporary copy of the demo repository, served alone by `salvo serve --torch-threads 1`.
+Phases, one server, one run:
 
 1. saturation: a closed loop (`--concurrency` callers, fewer than the queue holds) finds
    the throughput the server sustains with these clients on this machine: X.
@@ -43,18 +45,22 @@ from stress import (  # noqa: E402
     windows_p99_ms,
 )
 
+SHAPES = {"mlp": (1, 64), "resnet": (1, 3, 64, 64)}
 
-def build_repo(root: Path, max_queue_size: int) -> None:
-    """The demo `mlp` alone, its queue bounded."""
+
+def build_repo(root: Path, model: str, max_queue_size: int) -> dict:
+    """The demo `model` alone, its queue bounded; returns its dynamic_batching block."""
     from salvo.demo import build_demo_repo
 
     build_demo_repo(root)
-    for other in ("digits", "resnet"):
-        shutil.rmtree(root / other)
-    path = root / "mlp" / "config.yaml"
+    for other in ("digits", "mlp", "resnet"):
+        if other != model:
+            shutil.rmtree(root / other)
+    path = root / model / "config.yaml"
     config = yaml.safe_load(path.read_text())
     config["dynamic_batching"]["max_queue_size"] = max_queue_size
     path.write_text(yaml.safe_dump(config))
+    return config["dynamic_batching"]
 
 
 def fmt_latency(stats: dict) -> str:
@@ -64,6 +70,7 @@ def fmt_latency(stats: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(SHAPES), default="mlp")
     parser.add_argument("--max-queue-size", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--factor", type=float, default=5.0)
@@ -74,11 +81,11 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
 
-    kinds = (Kind("mlp", infer_payload("mlp", "input", (1, 64))),)
+    kinds = (Kind(args.model, infer_payload(args.model, "input", SHAPES[args.model])),)
     clients = Clients(args.clients)
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)
-        build_repo(repo, args.max_queue_size)
+        batching = build_repo(repo, args.model, args.max_queue_size)
         with ServerProcess(repo, "--torch-threads", "1") as server:
             target = server.grpc_target
             sampler = ServerSampler(server.proc.pid)
@@ -152,13 +159,13 @@ def main() -> int:
     print(verdict)
     if not args.no_write:
         body = f"""
-Command: `make bench-overload` (`python benchmarks/overload.py --max-queue-size
+Command: `make bench-overload` (`python benchmarks/overload.py --model {args.model} --max-queue-size
 {args.max_queue_size} --concurrency {args.concurrency} --factor {args.factor:g}
 --burst-s {args.burst_s:g} --phase-s {args.phase_s:g} --clients {args.clients}`), {today()}.
 Machine: {machine()}; load average {load_start[0]:.1f} at the start, {load_end[0]:.1f} at
 the end (a shared machine: other work ran alongside).
-Server: `salvo serve --torch-threads 1`, the demo `mlp` alone with
-`dynamic_batching: {{max_queue_delay_us: 500, max_queue_size: {args.max_queue_size}}}`.
+Server: `salvo serve --torch-threads 1`, the demo `{args.model}` alone with
+`dynamic_batching: {batching}`.
 Clients: {args.clients} processes on the same machine, batch-1 requests through a generic
 grpc.aio method; open-loop arrivals are Poisson and latency counts from the scheduled send.
 
@@ -166,7 +173,7 @@ grpc.aio method; open-loop arrivals are Poisson and latency counts from the sche
 
 {verdict}
 """
-        write_section("Overload: 5x saturation against a bounded queue", body)
+        write_section(f"Overload: 5x saturation against a bounded queue ({args.model})", body)
     return 0 if alive else 1
 
 
