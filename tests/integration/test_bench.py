@@ -64,6 +64,7 @@ def test_closed_loop_reports_and_plots(demo_server, capsys, tmp_path: Path):
 
     assert code == 0
     assert doc["mode"] == "closed" and doc["model"] == "mlp" and doc["concurrency"] == 4
+    assert doc["transport"] == "threads"  # --transport auto, at concurrency 4
     assert doc["errors"] == {} and doc["successes"] > 100
     assert_consistent(doc)
     assert doc["duration_s"] == pytest.approx(3.0)
@@ -156,13 +157,16 @@ def test_unknown_model_is_reported_by_status(demo_server, capsys):
     assert "no_such_model" in doc["error_message"]
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
-def test_failed_requests_are_counted_by_status(demo_server, capsys, streaming):
+@pytest.mark.parametrize(
+    "mode", [["--transport", "threads"], ["--transport", "asyncio"], ["--streaming"]]
+)
+def test_failed_requests_are_counted_by_status(demo_server, capsys, mode):
     # A shape the model does not take: every request is refused by the server.
+    streaming = mode == ["--streaming"]
     code, doc = bench(
         capsys,
         *("-m", "mlp", "-u", demo_server.grpc_target, "-c", "2", "--shape", "input=1,63"),
-        *("--requests", "50", "--warmup-s", "0", *(["--streaming"] if streaming else [])),
+        *("--requests", "50", "--warmup-s", "0", *mode),
     )
     assert code == 1
     assert doc["requests"] == 50 and doc["successes"] == 0 and doc["latency_ms"] is None
