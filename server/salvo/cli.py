@@ -9,7 +9,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 
 class _JsonFormatter(logging.Formatter):
@@ -29,6 +31,20 @@ class _JsonFormatter(logging.Formatter):
 
 # The index of this process under `salvo serve --workers N` (salvo.workers sets it).
 _WORKER = int(os.environ["SALVO_WORKER_ID"]) if "SALVO_WORKER_ID" in os.environ else None
+
+
+def run_event_loop(main: Coroutine[Any, Any, None], kind: str) -> None:
+    """Run `main` on uvloop (`uvloop`, or `auto` where it is installed) or asyncio's loop."""
+    if kind != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if kind == "uvloop":
+                raise
+        else:
+            uvloop.run(main)
+            return
+    asyncio.run(main)
 
 
 def _setup_logging(level: str) -> None:
@@ -83,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from .workers import Supervisor
 
-        asyncio.run(Supervisor(settings, settings.workers).run_until_signalled())
+        run_event_loop(Supervisor(settings, settings.workers).run_until_signalled(), "asyncio")
         return 0
     if settings.torch_threads:
         import torch
@@ -95,7 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
         await SalvoServer(settings).run_until_signalled()
 
     try:
-        asyncio.run(main())
+        run_event_loop(main(), settings.event_loop)
     except ConfigError as exc:  # a TLS file or the tokens file: say which, no traceback
         logging.getLogger("salvo").error("cannot start: %s", exc)
         return 2

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     its own models and event loop; see salvo.workers."""
     reuse_port: bool = False
     """Bind the gRPC port with SO_REUSEPORT (set by the supervisor for its workers)."""
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """The asyncio event loop: uvloop (libuv) where installed (`auto`), else asyncio's own."""
 
     @model_validator(mode="after")
     def _tls_pairs(self) -> Settings:
