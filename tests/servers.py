@@ -26,7 +26,9 @@ class ServerProcess:
     def __init__(self, repository: Path, *extra: str, env: dict[str, str] | None = None):
         self.repository = repository
         self.extra = extra
-        self.env = {**os.environ, **(env or {})}
+        # Tests stop servers often and nothing balances load in front of them: no grace
+        # (the lifecycle tests pass --shutdown-grace-s).
+        self.env = {**os.environ, "SALVO_SHUTDOWN_GRACE_S": "0", **(env or {})}
         self.lines: list[str] = []
         self._changed = threading.Condition()
         self._listening = threading.Event()
@@ -130,6 +132,7 @@ class InProcessServer:
     def __init__(self, repository: Path, loader=None, telemetry=None, **settings):
         from salvo.settings import Settings
 
+        settings.setdefault("shutdown_grace_s", 0)
         self.settings = Settings(
             model_repository=repository, grpc_port=0, http_port=0, drain_timeout_s=5, **settings
         )

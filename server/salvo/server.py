@@ -1,8 +1,8 @@
 """Assembles and runs Salvo: gRPC (v2 service, health, reflection) and the HTTP port.
 
 Start-up: bind both ports and log them, then load every model; health turns SERVING once
-all have loaded. Shutdown (SIGTERM or SIGINT): health NOT_SERVING, stop taking new RPCs,
-let running ones finish within the drain timeout, stop the schedulers.
+all have loaded. Shutdown (SIGTERM or SIGINT) goes as `lifecycle` describes: health
+NOT_SERVING, a grace for load balancers, new calls refused, admitted ones finished.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 
 import grpc
 from google.protobuf import descriptor_pb2
-from grpc_health.v1 import _async as health_async
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry
@@ -23,6 +21,7 @@ from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto._pool import POOL
 
+from . import lifecycle
 from .auth import build_interceptors, refuse_repository_changes, repository_changes_allowed
 from .cache import ResponseCache
 from .parsing import refuse_undecodable
@@ -65,14 +64,18 @@ class _Capture:
 
 
 def add_inference_service(
-    servicer: InferenceServicer, server: grpc.aio.Server, repository_changes: bool = True
+    servicer: InferenceServicer,
+    server: grpc.aio.Server,
+    repository_changes: bool = True,
+    gate: lifecycle.Gate | None = None,
 ) -> None:
     """Register the v2 service; ModelInfer and ModelStreamInfer may answer with ready bytes.
 
     A cached response is stored serialized, so the hot path of a cache hit appends the
     caller's id to those bytes instead of building and serializing a message. A request
     message that does not parse is answered INVALID_ARGUMENT (see `parsing`). Without
-    `repository_changes`, load and unload answer PERMISSION_DENIED.
+    `repository_changes`, load and unload answer PERMISSION_DENIED. A `gate` can refuse
+    every method once the server drains.
     """
     capture = _Capture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
@@ -81,6 +84,8 @@ def add_inference_service(
         handlers[method] = handlers[method]._replace(response_serializer=_serialize_response)
     if not repository_changes:
         handlers = refuse_repository_changes(handlers)
+    if gate is not None:
+        handlers = gate.wrap(handlers)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(capture.service, handlers),)
     )
@@ -118,6 +123,7 @@ class SalvoServer:
         self.grpc_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()
+        self.gate = lifecycle.Gate(SERVICE_NAME)
 
     async def start(self) -> None:
         """Bind, log the ports, load the models, turn health SERVING."""
@@ -137,8 +143,8 @@ class SalvoServer:
             cache=self.cache,
             telemetry=self.telemetry,
         )
-        add_inference_service(self.servicer, self.server, repository_changes_allowed(s))
-        self.health = health_async.HealthServicer()
+        add_inference_service(self.servicer, self.server, repository_changes_allowed(s), self.gate)
+        self.health = lifecycle.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for module in (health_pb2, reflection_pb2):
             _add_to_pool(module.DESCRIPTOR)
@@ -184,26 +190,52 @@ class SalvoServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
-    async def stop(self) -> None:
-        """Drain: health NOT_SERVING, finish running RPCs within the drain timeout, stop."""
+    async def drain(self, hurry: asyncio.Event | None = None) -> None:
+        """Shut down as `lifecycle` describes, all but closing gRPC: health NOT_SERVING, the
+        grace (cut short when `hurry` is set), new calls refused, admitted ones finished,
+        telemetry flushed. Only the first call does anything."""
         if self._stopped.is_set():
             return
         self._stopped.set()
-        log.info("draining (up to %.1f s)", self.settings.drain_timeout_s)
+        s = self.settings
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.drain_timeout_s)
+        self.ready.clear()  # ServerReady and HTTP /v2/health/ready say so too
+        log.info("draining: health NOT_SERVING; serving new calls %.1f s more", s.shutdown_grace_s)
+        await lifecycle.grace(s.shutdown_grace_s, hurry)
+        self.gate.close("the server is shutting down")
+        log.info("refusing new calls; finishing admitted ones (up to %.1f s)", s.drain_timeout_s)
+        schedulers = [
+            mv.scheduler for entry in self.models.models.values() for mv in entry.versions.values()
+        ]
+        await lifecycle.finish_admitted(self.gate, schedulers, s.drain_timeout_s)
         await self.models.stop()
         await self.http.stop()
         if self.telemetry is not None:
             await asyncio.to_thread(self.telemetry.shutdown)
         log.info("stopped")
 
+    async def stop(self) -> None:
+        """Drain, then stop gRPC: how an in-process server (a test's) ends."""
+        await self.drain()
+        await self.server.stop(lifecycle.STREAM_LINGER_S)
+
     async def run_until_signalled(self) -> None:
-        """Start, then serve until SIGTERM or SIGINT, then drain."""
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await self.start()
-        await stop.wait()
-        await self.stop()
+        """Start, serve until SIGTERM or SIGINT, drain, and end the process (`lifecycle`).
+
+        A signal during start-up (models still loading) ends the process at once: nothing
+        was sent traffic yet, and a model load cannot be interrupted any other way.
+        """
+        signals = lifecycle.Signals()
+        starting = asyncio.create_task(self.start())
+        stop = asyncio.create_task(signals.stop.wait())
+        await asyncio.wait((starting, stop), return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a start-up error (a port in use, a bad file) ends here
+            await stop
+            await self.drain(signals.hurry)
+        else:
+            starting.cancel()
+            log.info("stopped during start-up")
+            if self.telemetry is not None:
+                await asyncio.to_thread(self.telemetry.shutdown)
+        lifecycle.exit_process()
