@@ -214,7 +214,11 @@ def test_compose_topology_agrees_with_nginx_and_prometheus() -> None:
         env = service["environment"]
         _check_salvo_env(env, f"compose {name}")
         # `docker compose stop` must let a replica drain before it kills it.
-        assert _duration_s(service["stop_grace_period"]) > float(env["SALVO_DRAIN_TIMEOUT_S"])
+        grace_s = float(
+            env.get("SALVO_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default)
+        )
+        shutdown_s = grace_s + float(env["SALVO_DRAIN_TIMEOUT_S"])
+        assert _duration_s(service["stop_grace_period"]) > shutdown_s
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://otel-collector:")
         assert env["OTEL_RESOURCE_ATTRIBUTES"] == f"service.instance.id={name}"
 
@@ -266,12 +270,14 @@ def test_k8s_shutdown_fits_in_the_grace_period() -> None:
     pod = _k8s("Deployment")["spec"]["template"]["spec"]
     container = _container(pod)
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain_s = float(_env_list(container)["SALVO_DRAIN_TIMEOUT_S"])
-    # Past the grace period the kubelet kills the pod: preStop, then the whole drain, must fit.
-    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
-    # Liveness must not restart a pod during its drain (health is NOT_SERVING then).
+    env = _env_list(container)
+    # Salvo's own shutdown: the grace (new calls still served), then the drain.
+    shutdown_s = float(env["SALVO_SHUTDOWN_GRACE_S"]) + float(env["SALVO_DRAIN_TIMEOUT_S"])
+    # Past the grace period the kubelet kills the pod: preStop, then the whole shutdown, must fit.
+    assert pod["terminationGracePeriodSeconds"] > pre_stop_s + shutdown_s
+    # Liveness must not restart a pod during its shutdown (health is NOT_SERVING then).
     liveness = container["livenessProbe"]
-    assert liveness["periodSeconds"] * liveness["failureThreshold"] > drain_s
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] > shutdown_s
 
 
 def test_k8s_deployment_probes_services_and_policies_agree() -> None:
@@ -336,5 +342,5 @@ def test_kserve_inferenceservice_serves_grpc_on_h2c() -> None:
     # KServe's storage initializer downloads STORAGE_URI into /mnt/models.
     assert env["SALVO_MODEL_REPOSITORY"] == "/mnt/models" and "STORAGE_URI" in env
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    drain_s = float(env["SALVO_DRAIN_TIMEOUT_S"])
-    assert predictor["terminationGracePeriodSeconds"] > pre_stop_s + drain_s
+    shutdown_s = float(env["SALVO_SHUTDOWN_GRACE_S"]) + float(env["SALVO_DRAIN_TIMEOUT_S"])
+    assert predictor["terminationGracePeriodSeconds"] > pre_stop_s + shutdown_s
