@@ -36,6 +36,8 @@ from stress import (  # noqa: E402
     unexpected,
 )
 
+from tests.fuzzing import UNEXPECTED_LOG  # noqa: E402
+
 MLP = ("mlp", "input", (1, 64))
 KINDS = (
     Kind("mlp", infer_payload(*MLP), 55),
@@ -97,7 +99,7 @@ def main() -> int:
             sampler.stop()
             alive = server.proc.poll() is None
             load_end = os.getloadavg()
-            logged = [line for line in server.lines if "Traceback" in line]
+            logged = [line for line in server.lines if any(w in line for w in UNEXPECTED_LOG)]
     clients.close()
 
     measured = sampler.rss("measured")
@@ -125,7 +127,7 @@ def main() -> int:
         f"{rss_end:.0f} MiB at the end, {rss_max:.0f} MiB at most: growth {growth:+.1%} "
         f"(target under 5%). RSS each minute: {', '.join(minutes)} MiB. Server CPU "
         f"{sampler.cpu_share('measured'):.2f} of a core. Server alive at the end: "
-        f"{'yes' if alive else 'NO'}; tracebacks logged: {len(logged)}."
+        f"{'yes' if alive else 'NO'}; unexpected errors logged: {len(logged)}."
     )
     print(table)
     print(verdict)

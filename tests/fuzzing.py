@@ -28,6 +28,9 @@ Code = grpc.StatusCode
 ALLOWED = frozenset({Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED})
 """What any malformed or hostile request may get (issue 7)."""
 INFER = "/inference.GRPCInferenceService/ModelInfer"
+TRACEBACK = "Traceback (most recent call last)"
+UNEXPECTED_LOG = (TRACEBACK, "unexpected error", "Unexpected [")
+"""What the server logs only for a bug: a traceback, its own or grpc.aio's."""
 
 HOSTILE_NAMES = [
     "", ".", "..", "../mlp", "mlp/../mlp", "/etc/passwd", "mlp/1", "..\\mlp", "mlp\x00",
@@ -42,7 +45,8 @@ FAULTS = (
     "input_name", "duplicate_input", "missing_input", "extra_raw", "output_name",
     "duplicate_output", "parameter",
 )  # fmt: skip
-"""Each makes a request definitely invalid; "model" and "version" make it NOT_FOUND."""
+"""Each makes a request definitely invalid: "model" and "version" NOT_FOUND (or
+INVALID_ARGUMENT for a name no model can have), the others INVALID_ARGUMENT."""
 PARAMETER_KEYS = ["priority", "timeout", "cache", "binary_data_output", "sequence_id", ""]
 MAX_ELEMENTS = 1 << 20
 """Contents are generated to match a declared shape only up to this many elements."""
@@ -73,7 +77,7 @@ class Case:
         allowed = ALLOWED | {Code.DEADLINE_EXCEEDED} if self.may_time_out else ALLOWED
         if code not in allowed:
             return f"status {code.name} is never a right answer: {details!r}"
-        if code is not Code.OK and (not details or "Traceback" in details):
+        if code is not Code.OK and (not details or TRACEBACK in details):
             return f"{code.name} without a clean message: {details!r}"
         try:
             request = pb.ModelInferRequest.FromString(self.payload)
@@ -111,8 +115,8 @@ def _wrong_outputs(
     if response.id != request.id:
         return f"id {request.id!r} came back as {response.id!r}"
     got = {o.name: tuple(o.shape) for o in response.outputs}
-    if got != expect:
-        return f"outputs {got}, expected {expect}"
+    if got != expect or len(response.raw_output_contents) != len(got):
+        return f"outputs {got} ({len(response.raw_output_contents)} raw), expected {expect}"
     for output, data in zip(response.outputs, response.raw_output_contents, strict=True):
         size = DATATYPES[output.datatype].itemsize * int(np.prod(output.shape))
         if len(data) != size:

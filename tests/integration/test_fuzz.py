@@ -21,6 +21,7 @@ from salvo_client.proto import grpc_service_pb2 as pb
 from tests.fuzzing import (
     HOSTILE_NAMES,
     HOSTILE_VERSIONS,
+    UNEXPECTED_LOG,
     generic_infer,
     infer_requests,
     mutated_requests,
@@ -34,7 +35,6 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-UNEXPECTED = ("Traceback", "unexpected error", "Unexpected [")
 
 
 def _known_answer(target: str) -> np.ndarray:
@@ -59,7 +59,7 @@ def fuzzed(demo_server):
         yield generic_infer(channel)
     assert demo_server.proc.poll() is None, demo_server.log()
     logged = "".join(demo_server.lines[first_line:])
-    assert not [word for word in UNEXPECTED if word in logged], logged[-4000:]
+    assert not [word for word in UNEXPECTED_LOG if word in logged], logged[-4000:]
     np.testing.assert_array_equal(_known_answer(demo_server.grpc_target), before)
 
 
