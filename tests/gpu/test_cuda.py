@@ -80,3 +80,41 @@ def test_server_batches_on_cuda_and_answers_like_the_cpu(demo_repo):
         stats = client.get_inference_statistics("resnet").model_stats[0]
         assert stats.inference_count == 32
         assert stats.execution_count < 32  # concurrent requests shared batches
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_lower_precision_on_cuda_stays_close_to_fp32(demo_repo, precision):
+    config = load_config(demo_repo / "resnet").model_copy(update={"device": "cuda"})
+    fp32 = LoadedModel.load(config, demo_repo / "resnet" / "1")
+    optimization = config.optimization.model_copy(
+        update={"precision": precision, "channels_last": True}
+    )
+    low = LoadedModel.load(
+        config.model_copy(update={"optimization": optimization}), demo_repo / "resnet" / "1"
+    )
+    x = _inputs("resnet", 8)
+    (got,), _ = low.run(low.assemble([[x]]))
+    (want,), _ = fp32.run(fp32.assemble([[x]]))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0.1, atol=0.1)
+    # Same predicted class for nearly every row: precision moved values, not answers.
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.75
+
+
+def test_a_batch_that_exhausts_device_memory_fails_alone(demo_repo):
+    from salvo.errors import Overloaded
+
+    config = load_config(demo_repo / "mlp").model_copy(update={"device": "cuda"})
+    model = LoadedModel.load(config, demo_repo / "mlp" / "1")
+    free, _ = torch.cuda.mem_get_info()
+    hog = None
+    try:
+        # Leave less than one batch's activations free: the next forward pass cannot fit.
+        hog = torch.empty(max(free - (1 << 20), 0), dtype=torch.uint8, device="cuda")
+        with pytest.raises(Overloaded, match="ran out of device memory"):
+            model.run(model.assemble([[_inputs("mlp", model.config.max_batch_size)]]))
+    finally:
+        del hog
+        torch.cuda.empty_cache()
+    (out,), _ = model.run(model.assemble([[_inputs("mlp", 2)]]))  # and the next one runs
+    assert out.shape[0] == 2
