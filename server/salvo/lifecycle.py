@@ -10,14 +10,15 @@
    `drain_timeout_s`.
 4. Telemetry flushes, the HTTP port closes, and the process exits.
 
-The process exits with its gRPC connections open instead of through grpc.aio's
-`server.stop()`. Measured here (grpcio 1.85, three replicas restarted in turn under load,
-clients with round robin and a retry policy): gRPC core answers CANCELLED to each call that
-reaches a stopping server before a handler took it (grpc/grpc#41785), and no retry policy
-covers CANCELLED: 2 to 10 failed calls in 9 restarts, with or without refusing calls first.
-Once the admitted work is done, closing the connections fails such a call with UNAVAILABLE
-instead, which the client retries elsewhere: none failed. In-process servers (tests) still
-end with `server.stop()`.
+The process then exits with its gRPC connections open, instead of through grpc.aio's
+`server.stop()`: gRPC core answers CANCELLED to each call that reaches a stopping server
+before a handler took it (grpc/grpc#41785), and no retry policy covers CANCELLED. Measured
+here (grpcio 1.85; three servers restarted in turn, 9 restarts, under load from a client
+with round robin and a retry policy on UNAVAILABLE): `server.stop()` failed 2 calls, 3 when
+new calls were refused first, 10 when the process ended by returning from `asyncio.run`
+(which tears the server down as well); exiting at once failed none, since a closed
+connection fails such a call with UNAVAILABLE, which the client retries elsewhere.
+In-process servers (tests) still end with `server.stop()`.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ class Signals:
             log.info("%s: shutting down", sig.name)
             self.stop.set()
         elif not self.hurry.is_set():
-            log.info("%s again: ending the grace now", sig.name)
+            log.info("%s again: ending the grace now, if it still runs", sig.name)
             self.hurry.set()
 
 
