@@ -66,13 +66,15 @@ RUN groupadd --system --gid 10001 salvo \
 # Defaults for a container; every one can be overridden with -e or a flag (`salvo serve --help`).
 # SALVO_HOST: listen on all interfaces (the server's own default, 127.0.0.1, suits a laptop).
 # SALVO_MODEL_REPOSITORY: the mounted volume below.
-# SALVO_DRAIN_TIMEOUT_S: SIGTERM drains for this long; `docker stop -t` and Kubernetes'
-#   terminationGracePeriodSeconds must be longer.
+# SALVO_SHUTDOWN_GRACE_S, SALVO_DRAIN_TIMEOUT_S: on SIGTERM the server keeps serving for the
+#   grace (load balancers move away), then drains for up to the timeout; `docker stop -t`
+#   and Kubernetes' terminationGracePeriodSeconds must be longer than both together.
 # SALVO_TORCH_THREADS: 0 keeps torch's default, one thread per core the container sees.
 ENV SALVO_HOST=0.0.0.0 \
     SALVO_GRPC_PORT=8001 \
     SALVO_HTTP_PORT=8002 \
     SALVO_MODEL_REPOSITORY=/models \
+    SALVO_SHUTDOWN_GRACE_S=5 \
     SALVO_DRAIN_TIMEOUT_S=30 \
     SALVO_TORCH_THREADS=0 \
     SALVO_LOG_LEVEL=INFO
