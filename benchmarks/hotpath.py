@@ -32,7 +32,9 @@ STARTUP = ("importlib", "SalvoServer.start", "load_all", "build_demo_repo")
 FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
 
 
-def profile(repo: Path, model: str, concurrency: int, window_ms: int, out: Path) -> dict:
+def profile(
+    repo: Path, model: str, concurrency: int, window_ms: int, out: Path, streaming: bool
+) -> dict:
     """Record the server while perf_analyzer runs; returns perf_analyzer's CSV row."""
     cmd = [
         str(PY_SPY), "record", "--threads", "--rate", "250", "--format", "raw",
@@ -59,7 +61,9 @@ def profile(repo: Path, model: str, concurrency: int, window_ms: int, out: Path)
         spy.kill()
         raise RuntimeError("server did not start under py-spy")
     try:
-        return stable_perf_analyzer(f"127.0.0.1:{port}", model, concurrency, window_ms=window_ms)
+        return stable_perf_analyzer(
+            f"127.0.0.1:{port}", model, concurrency, window_ms=window_ms, streaming=streaming
+        )
     finally:
         server = _child(spy.pid)
         if server:
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--window-ms", type=int, default=4000)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--streaming", action="store_true", help="drive ModelStreamInfer")
     parser.add_argument("--label", default="HEAD")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -151,14 +156,15 @@ def main() -> None:
         repo = Path(tmp) / "repo"
         build_demo_repo(repo)
         raw = Path(tmp) / "profile.txt"
-        row = profile(repo, args.model, args.concurrency, args.window_ms, raw)
+        row = profile(repo, args.model, args.concurrency, args.window_ms, raw, args.streaming)
         lines, samples = summarize(loop_stacks(raw), args.top)
     body = "\n".join(
         [
             f"Command: `python benchmarks/hotpath.py --label {args.label}` at commit {commit}, "
             f"{today()}.",
             f"Machine: {machine()}.",
-            f"Load: perf_analyzer `--async -b 1 --concurrency-range {args.concurrency}` on "
+            f"Load: perf_analyzer `{'--streaming' if args.streaming else '--async'} -b 1 "
+            f"--concurrency-range {args.concurrency}` on "
             f"`{args.model}`: {float(row['Inferences/Second']):,.0f} infer/s, p99 "
             f"{float(row['p99 latency']) / 1000:.2f} ms (under py-spy at 250 Hz). "
             f"{samples:,} samples of the event-loop thread. py-spy samples Python frames "
