@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import signal
 import subprocess
@@ -84,7 +85,8 @@ def _child(pid: int) -> int | None:
 
 
 def loop_stacks(raw: Path) -> list[tuple[list[str], int]]:
-    """The event-loop thread's stacks (root first) and their sample counts."""
+    """The event-loop thread's stacks (root first) and their sample counts: the busiest
+    thread that ran the servicer (uvloop's loop has no Python frame of its own)."""
     by_thread: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -97,7 +99,7 @@ def loop_stacks(raw: Path) -> list[tuple[list[str], int]]:
     loops = [
         stacks
         for stacks in by_thread.values()
-        if any("run_forever" in f for frames, _ in stacks for f in frames)
+        if any("servicer.py" in f for frames, _ in stacks for f in frames)
     ]
     return max(loops, key=lambda stacks: sum(c for _, c in stacks)) if loops else []
 
@@ -149,9 +151,12 @@ def main() -> None:
     args = parser.parse_args()
     from salvo.demo import build_demo_repo
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = (
+        os.environ.get("BENCH_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip()
+    )
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         build_demo_repo(repo)
