@@ -356,19 +356,23 @@ class Telemetry:
     ) -> Any:
         """The SERVER span of one RPC (its parent from `traceparent`), or None if untraced.
 
-        `metadata` is called only when tracing is on: reading it costs on the hot path.
+        `metadata` is called only when tracing is on: reading it costs on the hot path. A
+        span the sampler dropped is None too, so an unsampled request costs no child spans,
+        batch links or attributes downstream (and its access log line carries no trace id:
+        the trace would not be found in the backend).
         """
         if self.tracer is None:
             return None
         carrier = {k: v for k, v in metadata() or () if isinstance(v, str)}
         parent = extract(carrier) if "traceparent" in carrier else otel_context.Context()
         service, _, name = method.rpartition("/")
-        return self.tracer.start_span(
+        span = self.tracer.start_span(
             method,
             context=parent,
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
         )
+        return span if span.is_recording() else None
 
     def end_rpc(
         self,

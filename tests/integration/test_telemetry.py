@@ -102,6 +102,15 @@ def test_request_span_continues_the_callers_trace_with_queue_and_compute_childre
     assert children["queue"].end_time <= children["compute"].start_time
 
 
+def test_a_caller_that_did_not_sample_gets_no_spans(client, spans):
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN}-00"}  # flags 00: not sampled
+    result = client.infer("m", [x_input(1.0)], headers=headers)
+    assert result.as_numpy("y").shape == (1, 2)
+    client.infer("m", [x_input(2.0)])  # a root request is sampled (always on here)
+    assert [s.name for s in spans.get_finished_spans()].count(INFER) == 1
+    assert all(format(s.context.trace_id, "032x") != TRACE_ID for s in spans.get_finished_spans())
+
+
 def test_health_rpcs_are_not_traced_but_other_rpcs_are(client, spans):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("m")
     client.get_model_metadata("m")
