@@ -62,7 +62,11 @@ class ServerProcess:
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.lines))
         if wait_ready:
-            self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s)
+            try:
+                self.wait_health(health_pb2.HealthCheckResponse.SERVING, timeout_s)
+            except BaseException:
+                self.stop()  # never leave a server behind a failed start
+                raise
         return self
 
     def _read(self) -> None:
