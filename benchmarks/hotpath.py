@@ -93,7 +93,7 @@ def loop_stacks(raw: Path) -> list[tuple[list[str], int]]:
         frames = stack.split(";")
         thread = next((f for f in frames if f.startswith("thread ")), "")
         frames = [f for f in frames if not f.startswith(("thread ", "process "))]
-        if any(marker in f for f in frames for marker in STARTUP):
+        if not frames or any(marker in f for f in frames for marker in STARTUP):
             continue  # start-up: imports and model loads, not serving
         by_thread[thread].append((frames, int(count)))
     loops = [

@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--window-ms", type=int, default=3000)
+    parser.add_argument(
+        "--only", nargs="+", metavar="LABEL", help="just these settings (labels start with)"
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     from salvo.demo import build_demo_repo
@@ -66,6 +69,10 @@ def main() -> None:
             repo = Path(tmp) / "repo"
             build_demo_repo(repo)
             configs = settings(receiver_port, black_hole.getsockname()[1])
+            if args.only:
+                configs = {
+                    k: v for k, v in configs.items() if any(k.startswith(o) for o in args.only)
+                }
             for round_ in range(args.rounds):
                 for label, env in configs.items():
                     with ServerProcess(repo, env=env) as server:
@@ -84,7 +91,10 @@ def main() -> None:
     spans = len(receiver.spans)
     print(f"receiver got {spans} spans")
     if not args.no_write:
-        write_section("Telemetry overhead (perf_analyzer, mlp)", report(runs, args, spans))
+        title = "Telemetry overhead (perf_analyzer, mlp)"
+        if args.only:
+            title += f": {', '.join(runs)}, {args.rounds} rounds"
+        write_section(title, report(runs, args, spans))
 
 
 def report(runs: dict, args: argparse.Namespace, spans: int) -> str:
