@@ -115,6 +115,9 @@ class _Instrument:
         self.points: dict[frozenset[tuple[str, str]], Any] = {}
         self._lock = threading.Lock()
 
+    def _metric(self, data: Histogram | Sum) -> Metric:
+        return Metric(name=self.name, description=self.description, unit=self.unit, data=data)
+
     def _bind(self, attributes: Mapping[str, str], make: Callable[[dict[str, str]], Any]) -> Any:
         key = frozenset(attributes.items())
         point = self.points.get(key)
@@ -139,12 +142,7 @@ class HistogramInstrument(_Instrument):
         data_points = [p for p in points if p is not None]
         if not data_points:
             return None
-        return Metric(
-            name=self.name,
-            description=self.description,
-            unit=self.unit,
-            data=Histogram(data_points=data_points, aggregation_temporality=CUMULATIVE),
-        )
+        return self._metric(Histogram(data_points=data_points, aggregation_temporality=CUMULATIVE))
 
 
 class CounterInstrument(_Instrument):
@@ -155,13 +153,8 @@ class CounterInstrument(_Instrument):
         data_points = [p.data_point(start_ns, now_ns) for p in self.points.values()]
         if not data_points:
             return None
-        return Metric(
-            name=self.name,
-            description=self.description,
-            unit=self.unit,
-            data=Sum(
-                data_points=data_points, aggregation_temporality=CUMULATIVE, is_monotonic=True
-            ),
+        return self._metric(
+            Sum(data_points=data_points, aggregation_temporality=CUMULATIVE, is_monotonic=True)
         )
 
 
