@@ -6,7 +6,6 @@ certificate from anyone else is refused.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +43,6 @@ def _leaf(folder: Path, name: str, ca: str, extension: str) -> None:
     _openssl(folder, "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem",
              "-CAkey", f"{ca}.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
              "-extfile", f"{name}.ext")  # fmt: skip
-
-
-def openssl_available() -> bool:
-    return shutil.which("openssl") is not None
 
 
 def make_pki(folder: Path) -> Pki:

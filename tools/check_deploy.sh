@@ -50,15 +50,17 @@ install_tools() {
     then
         "$BIN/pip" install -q "${PIP_TOOLS[@]}"
     fi
-    if ! command -v nginx >/dev/null || ! command -v promtool >/dev/null; then
+    # openssl too: the TLS tests make their certificates with it.
+    if ! command -v nginx >/dev/null || ! command -v promtool >/dev/null \
+        || ! command -v openssl >/dev/null; then
         if [[ $(id -u) != 0 ]]; then
-            echo "check_deploy: nginx and promtool are missing; as root:" \
-                "apt-get install nginx prometheus" >&2
+            echo "check_deploy: nginx, promtool or openssl is missing; as root:" \
+                "apt-get install nginx prometheus openssl" >&2
             return 1
         fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            nginx prometheus >/dev/null
+            nginx prometheus openssl >/dev/null
     fi
 }
 

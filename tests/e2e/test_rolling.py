@@ -37,8 +37,9 @@ import pytest
 from salvo_client import InferenceClient, RetryPolicy
 from salvo_client.errors import SalvoClientError
 from tests.e2e.gate import Gate, write_model
-from tests.e2e.test_nginx import NGINX, Nginx
+from tests.e2e.test_nginx import Nginx
 from tests.servers import ServerProcess
+from tests.tools import require
 
 REPLICAS = 3
 CONCURRENCY = 4
@@ -173,8 +174,7 @@ def replicas(mlp_repo: Path, gates: list[Gate]) -> Iterator[list[ServerProcess]]
 def proxy(
     replicas: list[ServerProcess], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Nginx]:
-    if NGINX is None:
-        pytest.skip("nginx not installed")
+    require("nginx")
     nginx = Nginx(tmp_path_factory.mktemp("nginx"), [r.grpc_target for r in replicas]).start()
     try:
         yield nginx

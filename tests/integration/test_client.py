@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -45,7 +44,9 @@ from salvo_client import (
 from salvo_client import DeadlineExceeded as ClientDeadlineExceeded
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
+from tests.certs import make_pki
 from tests.servers import ServerProcess
+from tests.tools import require
 
 CASES = [
     ("mlp", "input", (4, 64)),
@@ -626,27 +627,13 @@ def test_bearer_token_on_an_insecure_channel():
             client.server_live()
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for localhost and a client certificate, made by openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=salvo-test-ca", cwd=d)  # fmt: skip
-    for name, ext in (("server", "subjectAltName=DNS:localhost"), ("client", "")):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-        (d / f"{name}.ext").write_text(ext + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2",
-                 "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-    return d
+    """A CA, a server certificate for localhost and a client certificate (tests.certs)."""
+    require("openssl")
+    folder = tmp_path_factory.mktemp("tls")
+    make_pki(folder)
+    return folder
 
 
 def test_mutual_tls_with_a_token(certificates):

@@ -25,8 +25,9 @@ from salvo_client import (
     Unauthenticated,
     Unavailable,
 )
-from tests.certs import Pki, make_pki, openssl_available
+from tests.certs import Pki, make_pki
 from tests.servers import InProcessServer, ServerProcess
+from tests.tools import require
 
 ADMIN = "admin-0c9f1e7d52a84b6b"
 MLP_ONLY = "mlp-only-3b1d8a0e6f2c47d5"
@@ -36,8 +37,7 @@ X = np.linspace(-1, 1, 64, dtype=np.float32).reshape(1, 64)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    if not openssl_available():
-        pytest.skip("openssl is not installed")
+    require("openssl")
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
