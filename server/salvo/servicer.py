@@ -51,7 +51,7 @@ def observed(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
         if telemetry is None:
             return await handler(self, request, context)
         start = time.perf_counter()
-        span = (
+        probe = Probe(
             None if name in UNTRACED else telemetry.start_rpc(method, context.invocation_metadata)
         )
         code = "OK"
@@ -64,7 +64,7 @@ def observed(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
             code = context.code().name if context.code() is not None else "UNKNOWN"
             raise
         finally:
-            telemetry.end_rpc(method, span, code, "", time.perf_counter() - start)
+            telemetry.end_rpc(method, probe, code, "", time.perf_counter() - start)
 
     return wrapper
 
@@ -398,16 +398,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         finally:
             telemetry.end_rpc(
-                INFER,
-                probe.span,
-                code,
-                message,
-                time.perf_counter() - start,
-                model=probe.model,
-                version=probe.version,
-                probe=probe,
-                cache=probe.cache,
-                peer=context.peer,
+                INFER, probe, code, message, time.perf_counter() - start, peer=context.peer
             )
 
     async def _infer_untraced(self, request, deadline_ns, context):
@@ -459,17 +450,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 slots.release()
                 if telemetry is not None and probe is not None:
-                    telemetry.end_rpc(
-                        STREAM,
-                        probe.span,
-                        code,
-                        message,
-                        time.perf_counter() - start,
-                        model=probe.model,
-                        version=probe.version,
-                        probe=probe,
-                        cache=probe.cache,
-                    )
+                    telemetry.end_rpc(STREAM, probe, code, message, time.perf_counter() - start)
 
         async def read_all() -> None:
             try:

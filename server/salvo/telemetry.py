@@ -377,27 +377,27 @@ class Telemetry:
     def end_rpc(
         self,
         method: str,
-        span: Any,
+        probe: Probe,
         code: str,
         message: str,
         duration_s: float,
-        model: str = "",
-        version: str = "",
-        probe: Probe | None = None,
-        cache: str = "",
         peer: Callable[[], str] | str = "",
     ) -> None:
-        """Finish an RPC: its span, its duration metric, and (for inferences) the rest."""
+        """Finish an RPC: its span, its duration metric, and (for inferences) the rest.
+
+        `probe` carries the span and, once the model was resolved, the model, version,
+        cache outcome and batch timings.
+        """
         self._rpc_point(method, code).record(duration_s)
-        if model:
-            points = self._model_points(model, version)
+        if probe.model:
+            points = self._model_points(probe.model, probe.version)
             points.outcome(code).add()
             points.duration.record(duration_s)
-        if span is not None:
-            self._finish_span(span, code, message, model, version, probe, cache)
-        if model and self._take_log_token():
+        if probe.span is not None:
+            self._finish_span(probe, code, message)
+        if probe.model and self._take_log_token():
             who = peer() if callable(peer) else peer
-            self._access_log(method, model, version, code, duration_s, probe, cache, who, span)
+            self._access_log(method, probe, code, duration_s, who)
 
     # Points are bound once per label set; label values come only from resolved models and
     # the fixed sets of methods and status codes, so their number stays small.
@@ -411,23 +411,16 @@ class Telemetry:
     def _model_points(self, model: str, version: str) -> _ModelPoints:
         return _ModelPoints(self, {"model": model, "version": version})
 
-    def _finish_span(
-        self,
-        span: Any,
-        code: str,
-        message: str,
-        model: str,
-        version: str,
-        probe: Probe | None,
-        cache: str,
-    ) -> None:
+    def _finish_span(self, probe: Probe, code: str, message: str) -> None:
+        span = probe.span
         if span.is_recording():
             attributes: dict[str, Any] = {"rpc.grpc.status_code": code}
-            if model:
-                attributes.update({"salvo.model.name": model, "salvo.model.version": version})
-            if cache:
-                attributes["salvo.cache"] = cache
-            if probe is not None and probe.started_ns:
+            if probe.model:
+                attributes["salvo.model.name"] = probe.model
+                attributes["salvo.model.version"] = probe.version
+            if probe.cache:
+                attributes["salvo.cache"] = probe.cache
+            if probe.started_ns:
                 attributes["salvo.batch.size"] = probe.batch_rows
                 parent = trace.set_span_in_context(span)
                 for name, start, end in (
@@ -494,32 +487,23 @@ class Telemetry:
         return True
 
     def _access_log(
-        self,
-        method: str,
-        model: str,
-        version: str,
-        code: str,
-        duration_s: float,
-        probe: Probe | None,
-        cache: str,
-        peer: str,
-        span: Any,
+        self, method: str, probe: Probe, code: str, duration_s: float, peer: str
     ) -> None:
         entry: dict[str, Any] = {
             "event": "access",
             "method": method,
-            "model": model,
-            "version": version,
+            "model": probe.model,
+            "version": probe.version,
             "status": code,
             "duration_ms": round(duration_s * 1000, 3),
             "peer": peer,
         }
-        if probe is not None and probe.batch_rows:
+        if probe.batch_rows:
             entry["batch_size"] = probe.batch_rows
-        if cache:
-            entry["cache"] = cache
-        if span is not None:
-            ctx = span.get_span_context()
+        if probe.cache:
+            entry["cache"] = probe.cache
+        if probe.span is not None:
+            ctx = probe.span.get_span_context()
             if ctx.is_valid:
                 entry["trace_id"] = format(ctx.trace_id, "032x")
                 entry["span_id"] = format(ctx.span_id, "016x")
