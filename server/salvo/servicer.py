@@ -315,20 +315,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         mv = self.models.get(request.model_name, request.model_version)
         if probe is not None:
             probe.model, probe.version = mv.name, str(mv.version)
+        request_id = request.id
+        cache = self.cache
+        alias_key = None
+        if cache is not None and mv.config.response_cache.enable and not request.parameters:
+            # A message answered from the cache before is answered again through its alias,
+            # before its inputs are decoded, validated and hashed (see salvo.cache).
+            if request_id:  # the id is not part of what the request asks
+                request.ClearField("id")
+            alias_key = cache.message_key(request.SerializeToString(deterministic=True))
+            if request_id:
+                request.id = request_id
+            aliased = cache.lookup_alias(alias_key, mv.name, mv.version)
+            if aliased is not None:
+                value, rows = aliased
+                if probe is not None:
+                    probe.cache = "hit"
+                elapsed = time.monotonic_ns() - start
+                mv.stats.cache_hit.add(elapsed)
+                mv.stats.inference_count += rows
+                mv.stats.record_request(True, elapsed)
+                return value + _id_field(request_id)
         ok = False
         try:
             tensors = decode_inputs(request)
             parameters = _parameters(request)
             outputs = [o.name for o in request.outputs]
             validated = validate_request(
-                mv.config, mv.version, request.id, tensors, outputs, parameters
+                mv.config, mv.version, request_id, tensors, outputs, parameters
             )
-            cache = self.cache
             if cache is not None and mv.config.response_cache.enable and _cacheable(parameters):
                 key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
                 hit = cache.lookup(key, mv.name)
                 if hit is not None:
                     value, outcome = hit, "hit"
+                    if alias_key is not None:
+                        cache.add_alias(alias_key, key, mv.name, mv.version, validated.rows)
                 else:
                     lookup = cache.get_or_compute(
                         key, mv.name, lambda: self._serialized(mv, validated)
@@ -345,9 +367,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     mv.stats.cache_hit.add(elapsed)
                     mv.stats.inference_count += validated.rows
                 ok = True
-                return value + _id_field(request.id)
+                return value + _id_field(request_id)
             arrays = await mv.scheduler.infer(validated, deadline_ns, probe)
-            response = self._response(mv, validated, arrays, request.id)
+            response = self._response(mv, validated, arrays, request_id)
             ok = True
             return response
         finally:

@@ -66,6 +66,32 @@ def test_a_repeated_request_is_answered_from_the_cache(server, client, loader):
     assert (stats.hits, stats.misses, stats.entries) == (1, 3, 3)
 
 
+def test_a_message_answered_before_is_answered_again_through_its_alias(server, client, loader):
+    cache = server.server.cache
+    answers = [client.infer("cached", [x_input(4.5)], request_id=rid) for rid in "abcd"]
+    # The second request was a hit on the key and left an alias; the third and fourth
+    # were answered through it: same answer, the caller's own id, counted as hits.
+    assert [a.get_response().id for a in answers] == list("abcd")
+    for answer in answers:
+        np.testing.assert_array_equal(answer.as_numpy("y"), np.full((1, 3), 9.0, np.float32))
+    assert len(loader.modules["cached"].batches) == 1
+    assert cache_stats(client) == (3, 1)
+    assert len(cache._aliases) == 1
+    # Asking for the output by name is another message (and another key): no alias.
+    named = client.infer("cached", [x_input(4.5)], outputs=[tc.InferRequestedOutput("y")])
+    np.testing.assert_array_equal(named.as_numpy("y"), np.full((1, 3), 9.0, np.float32))
+    # Parameters keep a request off the aliases, so a bypass still runs the model.
+    ran = len(loader.modules["cached"].batches)
+    client.infer("cached", [x_input(4.5)], parameters={"cache": False})
+    assert len(loader.modules["cached"].batches) == ran + 1
+    # A reload drops the aliases with the entries: the model runs again.
+    client.load_model("cached")
+    assert len(cache._aliases) == 0
+    again = client.infer("cached", [x_input(4.5)], request_id="e")
+    assert again.get_response().id == "e"
+    assert len(loader.modules["cached"].batches) == ran + 2
+
+
 def test_a_model_without_the_cache_runs_every_time(client, loader):
     for _ in range(2):
         client.infer("uncached", [x_input(1.0)])

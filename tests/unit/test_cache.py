@@ -117,6 +117,35 @@ def test_a_forced_digest_collision_cannot_return_another_keys_value():
     assert cache.get(first) == b"first"
 
 
+def test_an_alias_leads_only_to_its_own_models_version_and_entry():
+    cache = ResponseCache(1 << 20)
+    entry = key(cache)
+    cache.put(entry, "m", b"answer")
+    alias = cache.message_key(b"message as sent")
+    cache.add_alias(alias, entry, "m", 1, rows=1)
+    assert cache.lookup_alias(alias, "m", 1) == (b"answer", 1)
+    assert cache.lookup_alias(alias, "m", 2) is None  # another version
+    assert cache.lookup_alias(alias, "other", 1) is None
+    assert cache.lookup_alias(cache.message_key(b"another message"), "m", 1) is None
+    assert cache.stats.total.hits == 1
+    # The entry leaves (evicted, or its model reloaded): the alias answers nothing.
+    cache.drop_model("m")
+    assert cache.lookup_alias(alias, "m", 1) is None
+    # An alias is only made for an entry that is there.
+    cache.add_alias(alias, entry, "m", 1, rows=1)
+    assert len(cache._aliases) == 0
+
+
+def test_a_forced_alias_collision_cannot_return_another_messages_value():
+    cache = ResponseCache(1 << 20, digest=lambda parts: b"\0" * 32)
+    entry = key(cache)
+    cache.put(entry, "m", b"answer")
+    cache.add_alias(cache.message_key(b"message one"), entry, "m", 1, rows=1)
+    other = cache.message_key(b"message two")
+    assert other.digest == cache.message_key(b"message one").digest
+    assert cache.lookup_alias(other, "m", 1) is None
+
+
 def test_drop_model_forgets_only_that_model():
     cache = ResponseCache(1 << 20)
     a = cache.key("a", 1, [tensor()], [], {})
