@@ -146,7 +146,17 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--json", type=Path)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--from-json", type=Path, help="measure nothing: report a run saved with --json"
+    )
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+        text = report(results, args)
+        print(text)
+        if not args.no_write:
+            write_section("Response cache: on vs off, and the hit path", text)
+        return
     results: dict = {"machine": machine(), "date": today(), "rounds": [], "runs": {}}
     seeds = itertools.count(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -74,7 +74,9 @@ def main() -> None:
                     k: v for k, v in configs.items() if any(k.startswith(o) for o in args.only)
                 }
             for round_ in range(args.rounds):
-                for label, env in configs.items():
+                # Every other round runs the settings in reverse, so none always goes first.
+                order = list(configs.items())
+                for label, env in order if round_ % 2 == 0 else order[::-1]:
                     with ServerProcess(repo, env=env) as server:
                         m = measure(
                             server.grpc_target, "mlp", args.concurrency, window_ms=args.window_ms
@@ -101,13 +103,21 @@ def report(runs: dict, args: argparse.Namespace, spans: int) -> str:
     def med(label: str, field: str) -> float:
         return statistics.median(getattr(m, field) for m in runs[label])
 
-    base_tp, base_p99 = med("telemetry off", "throughput"), med("telemetry off", "p99_us")
+    def paired(label: str, field: str) -> float:
+        """The median over rounds of this setting's figure / telemetry off's, same round."""
+        off = runs["telemetry off"]
+        return statistics.median(
+            getattr(m, field) / getattr(o, field) for m, o in zip(runs[label], off, strict=True)
+        )
+
     lines = [
         f"Command: `make bench-telemetry` (`python benchmarks/telemetry.py`), {today()}.",
         f"Machine: {machine()}.",
         f"Driver: perf_analyzer 2.51, `--async -b 1 --concurrency-range {args.concurrency} "
-        f"-p {args.window_ms}`; median of {args.rounds} alternating rounds, a fresh server "
-        "per setting. The OTLP receiver (Python gRPC, tests/otlp.py) runs on the same "
+        f"-p {args.window_ms}`; {args.rounds} rounds, the settings in turn (reversed every "
+        "other round), a fresh server per setting; figures are medians over rounds, ratios "
+        "the median of each round's ratio to telemetry off in that round. "
+        "The OTLP receiver (Python gRPC, tests/otlp.py) runs on the same "
         f"machine and received {spans:,} spans in all.",
         "",
         "| setting | infer/s | p50 ms | p99 ms | throughput vs off | p99 vs off |",
@@ -117,7 +127,7 @@ def report(runs: dict, args: argparse.Namespace, spans: int) -> str:
         tp, p99 = med(label, "throughput"), med(label, "p99_us")
         lines.append(
             f"| {label} | {tp:,.0f} | {med(label, 'p50_us') / 1000:.2f} | {p99 / 1000:.2f} "
-            f"| {tp / base_tp:.0%} | {p99 / base_p99:.0%} |"
+            f"| {paired(label, 'throughput'):.0%} | {paired(label, 'p99_us'):.0%} |"
         )
     return "\n".join(lines)
 
