@@ -126,21 +126,34 @@ class Scheduler:
         self._idle.clear()
         self._wake.set()
         self._notify()
+        # The caller awaits its waiter directly (no shield, no wait_for: each would cost a
+        # future or a task per request); a timer answers a request still queued at its
+        # deadline, and the caller leaving cancels the waiter, which the batch skips.
+        timer = None
+        if deadline_ns is not None:
+            delay_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+            timer = loop.call_later(delay_s, self._expire_one, entry)
         try:
-            if deadline_ns is None:
-                return await asyncio.shield(entry.waiter)
-            timeout_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
-            try:
-                return await asyncio.wait_for(asyncio.shield(entry.waiter), timeout_s)
-            except TimeoutError:
-                if self._withdraw(entry):
-                    raise DeadlineExceeded(
-                        f"request timed out after waiting in the queue of model '{request.model}'"
-                    ) from None
-                return await asyncio.shield(entry.waiter)  # already running: finish it
+            return await entry.waiter
         except asyncio.CancelledError:
             self._withdraw(entry)  # the caller went away: never run it if it has not started
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire_one(self, entry: Entry) -> None:
+        """At a request's deadline: answer DEADLINE_EXCEEDED if it has not started running.
+
+        One that is running already finishes, and its caller gets the answer."""
+        if entry.waiter.done() or not self._withdraw(entry):
+            return
+        _set_exception(
+            entry.waiter,
+            DeadlineExceeded(
+                f"request timed out after waiting in the queue of model '{entry.request.model}'"
+            ),
+        )
 
     def _withdraw(self, entry: Entry) -> bool:
         """Cancel `entry` unless a worker has started it; True if it will never run."""
