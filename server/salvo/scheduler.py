@@ -112,6 +112,7 @@ class Scheduler:
             raise ModelUnavailable(f"model '{request.model}' is unloading")
         loop = asyncio.get_running_loop()
         now = time.monotonic_ns()
+        call_deadline_ns = deadline_ns
         deadline_ns = self._deadline(request, now, deadline_ns)
         priority = request.parameters.get("priority", 0)
         entry = Entry(
@@ -127,10 +128,12 @@ class Scheduler:
         self._wake.set()
         self._notify()
         # The caller awaits its waiter directly (no shield, no wait_for: each would cost a
-        # future or a task per request); a timer answers a request still queued at its
-        # deadline, and the caller leaving cancels the waiter, which the batch skips.
+        # future or a task per request), and the caller leaving cancels the waiter, which
+        # the batch skips. At the call's own gRPC deadline gRPC cancels the caller; a
+        # shorter one (the `timeout` parameter, the model's default) gets a timer that
+        # answers the request DEADLINE_EXCEEDED if it is still queued then.
         timer = None
-        if deadline_ns is not None:
+        if deadline_ns is not None and deadline_ns != call_deadline_ns:
             delay_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
             timer = loop.call_later(delay_s, self._expire_one, entry)
         try:
