@@ -35,7 +35,7 @@ def grpc_options(s: Settings) -> list[tuple[str, int]]:
         # Otherwise gRPC stops its keepalive pings after two on a connection without data.
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.server.max_pending_requests", s.max_pending_rpcs),
-        ("grpc.server.max_pending_requests_hard_limit", 2 * s.max_pending_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", 3 * s.max_pending_rpcs),
     ]
     if s.max_connection_age_s:
         options.append(("grpc.max_connection_age_ms", _ms(s.max_connection_age_s)))

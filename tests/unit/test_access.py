@@ -135,9 +135,11 @@ def test_connection_options():
     assert options["grpc.max_connection_age_ms"] == 300_000
     assert "grpc.max_connection_age_grace_ms" not in options  # inf: never cut a call
     assert options["grpc.keepalive_permit_without_calls"] == 1
-    # gRPC core refuses calls past the pending backlog, rising to all of them at twice it.
-    assert options["grpc.server.max_pending_requests"] == 256
-    assert options["grpc.server.max_pending_requests_hard_limit"] == 512
+    # gRPC core refuses calls past the pending backlog, rising to all of them at 3x it.
+    assert options["grpc.server.max_pending_requests"] == 1000
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 3000
+    options = dict(grpc_options(Settings(max_pending_rpcs=100)))
+    assert options["grpc.server.max_pending_requests_hard_limit"] == 300
     options = dict(grpc_options(Settings(max_connection_age_s=0, max_connection_age_grace_s=5)))
     assert "grpc.max_connection_age_ms" not in options
     options = dict(grpc_options(Settings(max_connection_age_s=60, max_connection_age_grace_s=5)))
