@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -25,14 +25,13 @@ from .cache import ResponseCache
 from .codec import decode_inputs, encode_outputs
 from .config import ModelConfig
 from .datatypes import DATATYPES
-from .errors import DeadlineExceeded, InvalidRequest, Overloaded, SalvoError, status_for
+from .errors import InvalidRequest, Overloaded, SalvoError, status_for
 from .repository import ModelEntry, ModelManager, ModelVersion
 from .telemetry import Probe, Telemetry
 from .validation import InferRequest, validate_request
 
 log = logging.getLogger(__name__)
 
-_T = TypeVar("_T")
 SERVICE = "inference.GRPCInferenceService"
 INFER = f"{SERVICE}/ModelInfer"
 STREAM = f"{SERVICE}/ModelStreamInfer"
@@ -115,14 +114,6 @@ def _stream_response(infer_response: bytes) -> bytes:
         size >>= 7
     prefix.append(size)
     return bytes(prefix) + infer_response
-
-
-async def _within(awaitable: Awaitable[_T], deadline_ns: int) -> _T:
-    timeout_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
-    try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise DeadlineExceeded("deadline passed while waiting for the response") from None
 
 
 def config_to_proto(config: ModelConfig, device_type: str = "cpu") -> mc.ModelConfig:
@@ -352,11 +343,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if alias_key is not None:
                         cache.add_alias(alias_key, key, mv.name, mv.version, validated.rows)
                 else:
-                    lookup = cache.get_or_compute(
+                    # A caller waits until its own gRPC deadline, when gRPC cancels it; the
+                    # computation goes on for the others (see ResponseCache.get_or_compute).
+                    value, outcome = await cache.get_or_compute(
                         key, mv.name, lambda: self._serialized(mv, validated)
-                    )
-                    value, outcome = await (
-                        lookup if deadline_ns is None else _within(lookup, deadline_ns)
                     )
                 elapsed = time.monotonic_ns() - start
                 if probe is not None:
