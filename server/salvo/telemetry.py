@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -38,6 +39,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
@@ -161,6 +163,33 @@ def _protocol(signal: str) -> str:
     ) or "grpc"
 
 
+_random = random.random
+
+
+def _root_sampling() -> tuple[float | None, Sampler | None]:
+    """Roots Salvo samples itself, for the parent-based ratio samplers.
+
+    With `OTEL_TRACES_SAMPLER` `parentbased_traceidratio` (or `parentbased_always_off`), a
+    request without a `traceparent` is sampled at the ratio by Salvo before any span exists,
+    so the ones dropped (99 in 100 at 1%) cost no span, trace id or attributes; the provider
+    then gets a parent-based sampler that keeps every root it is handed. A random draw at
+    the ratio keeps roots at the rate the trace-id ratio would. Returns (ratio, sampler), or
+    (None, None) to leave every decision to the SDK's sampler from the environment.
+    """
+    name = _env("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name == "parentbased_always_off":
+        return 0.0, ParentBased(ALWAYS_ON)
+    if name != "parentbased_traceidratio":
+        return None, None
+    try:
+        ratio = float(_env("OTEL_TRACES_SAMPLER_ARG", "1.0"))
+    except ValueError:
+        return None, None  # the SDK's sampler falls back and says why
+    if not 0.0 <= ratio <= 1.0:
+        return None, None
+    return ratio, ParentBased(ALWAYS_ON)
+
+
 def _span_exporter() -> SpanExporter | None:
     if _env("OTEL_TRACES_EXPORTER", "otlp") == "none" or not _otlp_endpoint("TRACES"):
         return None
@@ -235,6 +264,7 @@ class Telemetry:
     ) -> None:
         """Build from the OTEL_* environment; tests pass in-memory providers and readers."""
         self.drops = DropCounter()
+        self._root_ratio: float | None = None
         disabled = _env("OTEL_SDK_DISABLED").lower() == "true"
         resource = Resource.create(
             {"service.name": _env("OTEL_SERVICE_NAME", "salvo"), "service.version": __version__}
@@ -242,7 +272,12 @@ class Telemetry:
         if tracer_provider is None and not disabled:
             exporter = _span_exporter()
             if exporter is not None:
-                tracer_provider = TracerProvider(resource=resource)
+                self._root_ratio, sampler = _root_sampling()
+                tracer_provider = (
+                    TracerProvider(resource=resource)
+                    if sampler is None
+                    else TracerProvider(resource=resource, sampler=sampler)
+                )
                 max_queue = int(_env("OTEL_BSP_MAX_QUEUE_SIZE", "8192"))
                 batch = BatchSpanProcessor(
                     _CountingExporter(exporter, self.drops), max_queue_size=max_queue
@@ -364,7 +399,12 @@ class Telemetry:
         if self.tracer is None:
             return None
         carrier = {k: v for k, v in metadata() or () if isinstance(v, str)}
-        parent = extract(carrier) if "traceparent" in carrier else otel_context.Context()
+        if "traceparent" in carrier:
+            parent = extract(carrier)
+        elif self._root_ratio is not None and _random() >= self._root_ratio:
+            return None  # a root Salvo's own draw dropped (see _root_sampling)
+        else:
+            parent = otel_context.Context()
         service, _, name = method.rpartition("/")
         span = self.tracer.start_span(
             method,
