@@ -154,7 +154,7 @@ class Scheduler:
         _set_exception(
             entry.waiter,
             DeadlineExceeded(
-                f"request timed out after waiting in the queue of model '{entry.request.model}'"
+                f"request timed out after waiting in the queue of model '{self.model.config.name}'"
             ),
         )
 
