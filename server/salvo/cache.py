@@ -169,13 +169,15 @@ class ResponseCache:
             (k, repr(v)) for k, v in parameters.items() if k not in NON_SEMANTIC_PARAMETERS
         )
         parts += _field(repr(semantic).encode())
-        digest = (_sha256 if self._digest is None else self._digest)(parts)
-        return CacheKey(digest, _crc32(parts))
+        return self._key(parts)
 
     def message_key(self, message: bytes) -> CacheKey:
         """The alias key of a request message as sent (deterministic bytes, `id` cleared)."""
-        parts = (message,)
-        return CacheKey((_sha256 if self._digest is None else self._digest)(parts), _crc32(parts))
+        return self._key((message,))
+
+    def _key(self, parts: Sequence[bytes | memoryview]) -> CacheKey:
+        digest = (_sha256 if self._digest is None else self._digest)(parts)
+        return CacheKey(digest, _crc32(parts))
 
     def lookup_alias(
         self, alias_key: CacheKey, model: str, version: int

@@ -100,6 +100,32 @@ def _id_field(request_id: str) -> bytes:
     return pb.ModelInferResponse(id=request_id).SerializeToString() if request_id else b""
 
 
+def _message_bytes(request: pb.ModelInferRequest) -> bytes:
+    """`request` serialized deterministically without its id (not part of what it asks)."""
+    request_id = request.id
+    if not request_id:
+        return request.SerializeToString(deterministic=True)
+    request.ClearField("id")
+    try:
+        return request.SerializeToString(deterministic=True)
+    finally:
+        request.id = request_id
+
+
+def _count_cached(
+    mv: ModelVersion, probe: Probe | None, outcome: str, rows: int, start_ns: int
+) -> None:
+    """Statistics for an answer the cache gave: a miss, or a hit (coalesced counts as one)."""
+    elapsed = time.monotonic_ns() - start_ns
+    if probe is not None:
+        probe.cache = outcome
+    if outcome == "miss":
+        mv.stats.cache_miss.add(elapsed)
+    else:
+        mv.stats.cache_hit.add(elapsed)
+        mv.stats.inference_count += rows
+
+
 # ModelStreamInferResponse.infer_response is field 2, length-delimited: tag (2 << 3) | 2.
 _INFER_RESPONSE_TAG = b"\x12"
 
@@ -307,35 +333,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if probe is not None:
             probe.model, probe.version = mv.name, str(mv.version)
         request_id = request.id
-        cache = self.cache
-        alias_key = None
-        if cache is not None and mv.config.response_cache.enable and not request.parameters:
-            # A message answered from the cache before is answered again through its alias,
-            # before its inputs are decoded, validated and hashed (see salvo.cache).
-            if request_id:  # the id is not part of what the request asks
-                request.ClearField("id")
-            alias_key = cache.message_key(request.SerializeToString(deterministic=True))
-            if request_id:
-                request.id = request_id
-            aliased = cache.lookup_alias(alias_key, mv.name, mv.version)
-            if aliased is not None:
-                value, rows = aliased
-                if probe is not None:
-                    probe.cache = "hit"
-                elapsed = time.monotonic_ns() - start
-                mv.stats.cache_hit.add(elapsed)
-                mv.stats.inference_count += rows
-                mv.stats.record_request(True, elapsed)
-                return value + _id_field(request_id)
+        cache = self.cache if mv.config.response_cache.enable else None
         ok = False
         try:
+            alias_key = None
+            if cache is not None and not request.parameters:
+                # A message answered from the cache before is answered again through its
+                # alias, before its inputs are decoded, validated and hashed (salvo.cache).
+                alias_key = cache.message_key(_message_bytes(request))
+                aliased = cache.lookup_alias(alias_key, mv.name, mv.version)
+                if aliased is not None:
+                    value, rows = aliased
+                    _count_cached(mv, probe, "hit", rows, start)
+                    ok = True
+                    return value + _id_field(request_id)
             tensors = decode_inputs(request)
             parameters = _parameters(request)
             outputs = [o.name for o in request.outputs]
             validated = validate_request(
                 mv.config, mv.version, request_id, tensors, outputs, parameters
             )
-            if cache is not None and mv.config.response_cache.enable and _cacheable(parameters):
+            if cache is not None and _cacheable(parameters):
                 key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
                 hit = cache.lookup(key, mv.name)
                 if hit is not None:
@@ -348,14 +366,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     value, outcome = await cache.get_or_compute(
                         key, mv.name, lambda: self._serialized(mv, validated)
                     )
-                elapsed = time.monotonic_ns() - start
-                if probe is not None:
-                    probe.cache = outcome
-                if outcome == "miss":
-                    mv.stats.cache_miss.add(elapsed)
-                else:  # a hit, or coalesced onto another request's computation
-                    mv.stats.cache_hit.add(elapsed)
-                    mv.stats.inference_count += validated.rows
+                _count_cached(mv, probe, outcome, validated.rows, start)
                 ok = True
                 return value + _id_field(request_id)
             arrays = await mv.scheduler.infer(validated, deadline_ns, probe)

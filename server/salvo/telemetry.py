@@ -39,7 +39,7 @@ from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetr
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
@@ -166,28 +166,26 @@ def _protocol(signal: str) -> str:
 _random = random.random
 
 
-def _root_sampling() -> tuple[float | None, Sampler | None]:
-    """Roots Salvo samples itself, for the parent-based ratio samplers.
+def _root_ratio() -> float | None:
+    """The ratio at which Salvo samples roots itself, for the parent-based ratio samplers.
 
     With `OTEL_TRACES_SAMPLER` `parentbased_traceidratio` (or `parentbased_always_off`), a
     request without a `traceparent` is sampled at the ratio by Salvo before any span exists,
     so the ones dropped (99 in 100 at 1%) cost no span, trace id or attributes; the provider
     then gets a parent-based sampler that keeps every root it is handed. A random draw at
-    the ratio keeps roots at the rate the trace-id ratio would. Returns (ratio, sampler), or
-    (None, None) to leave every decision to the SDK's sampler from the environment.
+    the ratio keeps roots at the rate the trace-id ratio would. None leaves every decision
+    to the SDK's sampler from the environment.
     """
     name = _env("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
     if name == "parentbased_always_off":
-        return 0.0, ParentBased(ALWAYS_ON)
+        return 0.0
     if name != "parentbased_traceidratio":
-        return None, None
+        return None
     try:
         ratio = float(_env("OTEL_TRACES_SAMPLER_ARG", "1.0"))
     except ValueError:
-        return None, None  # the SDK's sampler falls back and says why
-    if not 0.0 <= ratio <= 1.0:
-        return None, None
-    return ratio, ParentBased(ALWAYS_ON)
+        return None  # the SDK's sampler falls back and says why
+    return ratio if 0.0 <= ratio <= 1.0 else None
 
 
 def _span_exporter() -> SpanExporter | None:
@@ -272,11 +270,11 @@ class Telemetry:
         if tracer_provider is None and not disabled:
             exporter = _span_exporter()
             if exporter is not None:
-                self._root_ratio, sampler = _root_sampling()
+                self._root_ratio = _root_ratio()
                 tracer_provider = (
                     TracerProvider(resource=resource)
-                    if sampler is None
-                    else TracerProvider(resource=resource, sampler=sampler)
+                    if self._root_ratio is None
+                    else TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
                 )
                 max_queue = int(_env("OTEL_BSP_MAX_QUEUE_SIZE", "8192"))
                 batch = BatchSpanProcessor(
@@ -402,7 +400,7 @@ class Telemetry:
         if "traceparent" in carrier:
             parent = extract(carrier)
         elif self._root_ratio is not None and _random() >= self._root_ratio:
-            return None  # a root Salvo's own draw dropped (see _root_sampling)
+            return None  # a root Salvo's own draw dropped (see _root_ratio)
         else:
             parent = otel_context.Context()
         service, _, name = method.rpartition("/")
