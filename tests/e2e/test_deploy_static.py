@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from salvo.settings import Settings
+from tests.tools import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -47,7 +48,7 @@ CHECKS = {
 @pytest.mark.parametrize("check", list(CHECKS))
 def test_check_deploy(check: str) -> None:
     # In CI every tool must be there (make test installs them), so a missing one fails there.
-    if not _installed(CHECKS[check]) and not os.environ.get("CI"):
+    if not _installed(CHECKS[check]) and not IN_CI:
         pytest.skip(f"tool for {check!r} not installed: run tools/check_deploy.sh install")
     result = subprocess.run(
         ["bash", str(CHECK_DEPLOY), check],
