@@ -108,6 +108,13 @@ class Scheduler:
         parameter and the model's default timeout may shorten it. A request still queued at
         its deadline is answered DEADLINE_EXCEEDED and never runs.
         """
+        return await self.wait(self.submit(request, deadline_ns, probe))
+
+    def submit(
+        self, request: InferRequest, deadline_ns: int | None = None, probe: Probe | None = None
+    ) -> Entry:
+        """Queue `request` now, without waiting: the first half of `infer`, for a caller
+        that must have the request queued before it yields (the cache's coalescing)."""
         if not self._accepting:
             raise ModelUnavailable(f"model '{request.model}' is unloading")
         loop = asyncio.get_running_loop()
@@ -127,23 +134,30 @@ class Scheduler:
         self._idle.clear()
         self._wake.set()
         self._notify()
-        # The caller awaits its waiter directly (no shield, no wait_for: each would cost a
-        # future or a task per request), and the caller leaving cancels the waiter, which
-        # the batch skips. At the call's own gRPC deadline gRPC cancels the caller; a
-        # shorter one (the `timeout` parameter, the model's default) gets a timer that
-        # answers the request DEADLINE_EXCEEDED if it is still queued then.
-        timer = None
+        # At the call's own gRPC deadline gRPC cancels the caller; a shorter one (the
+        # `timeout` parameter, the model's default) gets a timer that answers the request
+        # DEADLINE_EXCEEDED if it is still queued then.
         if deadline_ns is not None and deadline_ns != call_deadline_ns:
-            delay_s = max(deadline_ns - time.monotonic_ns(), 0) / 1e9
+            delay_s = max(deadline_ns - now, 0) / 1e9
             timer = loop.call_later(delay_s, self._expire_one, entry)
+            entry.waiter.add_done_callback(lambda _: timer.cancel())
+        return entry
+
+    async def wait(self, entry: Entry) -> _Outputs:
+        """The outputs of a submitted request. The caller awaits its waiter directly (no
+        shield, no wait_for: each would cost a future or a task per request), and the
+        caller leaving cancels the waiter, which the batch skips."""
         try:
             return await entry.waiter
         except asyncio.CancelledError:
             self._withdraw(entry)  # the caller went away: never run it if it has not started
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
+
+    def abandon(self, entry: Entry) -> None:
+        """Nobody waits for a submitted request any more: never run it if it has not
+        started, and cancel its waiter (a running one finishes, its outputs dropped)."""
+        self._withdraw(entry)
+        entry.waiter.cancel()
 
     def _expire_one(self, entry: Entry) -> None:
         """At a request's deadline: answer DEADLINE_EXCEEDED if it has not started running.

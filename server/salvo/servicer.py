@@ -336,12 +336,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         cache = self.cache if mv.config.response_cache.enable else None
         ok = False
         try:
-            alias_key = None
+            message = None
             if cache is not None and not request.parameters:
                 # A message answered from the cache before is answered again through its
                 # alias, before its inputs are decoded, validated and hashed (salvo.cache).
-                alias_key = cache.message_key(_message_bytes(request))
-                aliased = cache.lookup_alias(alias_key, mv.name, mv.version)
+                message = _message_bytes(request)
+                aliased = cache.lookup_alias(message, mv.name, mv.version)
                 if aliased is not None:
                     value, rows = aliased
                     _count_cached(mv, probe, "hit", rows, start)
@@ -358,8 +358,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 hit = cache.lookup(key, mv.name)
                 if hit is not None:
                     value, outcome = hit, "hit"
-                    if alias_key is not None:
-                        cache.add_alias(alias_key, key, mv.name, mv.version, validated.rows)
+                    if message is not None:
+                        cache.add_alias(message, key, mv.name, mv.version, validated.rows)
                 else:
                     # A caller waits until its own gRPC deadline, when gRPC cancels it; the
                     # computation goes on for the others (see ResponseCache.get_or_compute).
@@ -392,14 +392,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return response
 
-    async def _serialized(self, mv: ModelVersion, request: InferRequest) -> bytes:
-        """Compute a response for the cache: serialized, without the caller's id.
+    def _serialized(self, mv: ModelVersion, request: InferRequest) -> asyncio.Future[bytes]:
+        """Queue `request` now; the future of its response for the cache, serialized,
+        without the caller's id. Cancelling the future (the cache does when no caller
+        waits any more) drops the request.
 
-        It runs in the cache's own task, for every caller waiting on the same key, so it
-        takes no caller's deadline; each caller waits only until its own.
+        It is shared by every caller waiting on the same key, so it takes no caller's
+        deadline: each caller waits only until its own.
         """
-        arrays = await mv.scheduler.infer(request, None)
-        return self._response(mv, request, arrays, "").SerializeToString()
+        scheduler = mv.scheduler
+        entry = scheduler.submit(request)
+        response: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        def serialize(waiter: asyncio.Future) -> None:
+            if response.done():
+                return
+            if waiter.cancelled():
+                response.cancel()
+            elif (error := waiter.exception()) is not None:
+                response.set_exception(error)
+            else:
+                try:
+                    arrays = waiter.result()
+                    response.set_result(self._response(mv, request, arrays, "").SerializeToString())
+                except Exception as exc:  # an output that cannot be encoded fails the call
+                    response.set_exception(exc)
+
+        def dropped(future: asyncio.Future) -> None:
+            if future.cancelled():
+                scheduler.abandon(entry)
+
+        entry.waiter.add_done_callback(serialize)
+        response.add_done_callback(dropped)
+        return response
 
     async def ModelInfer(self, request, context):
         remaining = context.time_remaining()

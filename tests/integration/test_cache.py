@@ -135,6 +135,33 @@ def test_identical_requests_in_flight_run_once_and_survive_the_first_cancel(serv
     assert len(model.batches) == 1
 
 
+def test_a_request_every_caller_left_never_runs(server, client, loader):
+    model = loader.modules["cached"]
+    model.hold()
+    answers: queue.Queue = queue.Queue()
+    client.async_infer(
+        "cached", [x_input(10.0)], lambda result, error: answers.put(("held", result, error))
+    )
+    model.wait_batches(1)  # running and held: the model's one instance is busy
+    left = client.async_infer(
+        "cached", [x_input(11.0)], lambda result, error: answers.put(("left", result, error))
+    )
+    server.wait_queued("cached", 1)
+    left.cancel()
+    tag, _, error = answers.get(timeout=30)
+    assert tag == "left" and error.status() == "StatusCode.CANCELLED"
+    server.wait_queued("cached", 0)  # withdrawn: its only caller left
+    model.open()
+    tag, result, error = answers.get(timeout=30)
+    assert tag == "held" and error is None
+    assert len(model.batches) == 1  # the abandoned request never ran
+    assert server.server.cache.stats.model("cached").entries == 1
+    # Asked again, it is computed afresh and answered.
+    again = client.infer("cached", [x_input(11.0)])
+    np.testing.assert_array_equal(again.as_numpy("y"), np.full((1, 3), 22.0, np.float32))
+    assert len(model.batches) == 2
+
+
 def test_bypass_runs_the_model_and_stores_nothing(client, loader):
     client.infer("cached", [x_input(6.0)])
     client.infer("cached", [x_input(6.0)], parameters={"cache": False})

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
 
-from salvo.cache import ENTRY_OVERHEAD_BYTES, ResponseCache
+from salvo.cache import (
+    ALIAS_OVERHEAD_BYTES,
+    ENTRY_OVERHEAD_BYTES,
+    MAX_ALIASES_PER_ENTRY,
+    ResponseCache,
+)
 from salvo.codec import Tensor, decode_inputs, encode_tensor_typed
 from salvo_client.proto import grpc_service_pb2 as pb
 
@@ -121,29 +127,68 @@ def test_an_alias_leads_only_to_its_own_models_version_and_entry():
     cache = ResponseCache(1 << 20)
     entry = key(cache)
     cache.put(entry, "m", b"answer")
-    alias = cache.message_key(b"message as sent")
-    cache.add_alias(alias, entry, "m", 1, rows=1)
-    assert cache.lookup_alias(alias, "m", 1) == (b"answer", 1)
-    assert cache.lookup_alias(alias, "m", 2) is None  # another version
-    assert cache.lookup_alias(alias, "other", 1) is None
-    assert cache.lookup_alias(cache.message_key(b"another message"), "m", 1) is None
+    cache.add_alias(b"message as sent", entry, "m", 1, rows=1)
+    assert cache.lookup_alias(b"message as sent", "m", 1) == (b"answer", 1)
+    assert cache.lookup_alias(b"message as sent", "m", 2) is None  # another version
+    assert cache.lookup_alias(b"message as sent", "other", 1) is None
+    assert cache.lookup_alias(b"another message", "m", 1) is None
     assert cache.stats.total.hits == 1
-    # The entry leaves (evicted, or its model reloaded): the alias answers nothing.
+    # The entry leaves (evicted, or its model reloaded): its alias goes with it.
     cache.drop_model("m")
-    assert cache.lookup_alias(alias, "m", 1) is None
+    assert cache.lookup_alias(b"message as sent", "m", 1) is None
+    assert len(cache._aliases) == 0
     # An alias is only made for an entry that is there.
-    cache.add_alias(alias, entry, "m", 1, rows=1)
+    cache.add_alias(b"message as sent", entry, "m", 1, rows=1)
     assert len(cache._aliases) == 0
 
 
+class _CollidingMessage(bytes):
+    """A message whose hash is forced equal to every other's."""
+
+    def __hash__(self) -> int:
+        return 0
+
+
 def test_a_forced_alias_collision_cannot_return_another_messages_value():
-    cache = ResponseCache(1 << 20, digest=lambda parts: b"\0" * 32)
+    cache = ResponseCache(1 << 20)
     entry = key(cache)
     cache.put(entry, "m", b"answer")
-    cache.add_alias(cache.message_key(b"message one"), entry, "m", 1, rows=1)
-    other = cache.message_key(b"message two")
-    assert other.digest == cache.message_key(b"message one").digest
-    assert cache.lookup_alias(other, "m", 1) is None
+    one, two = _CollidingMessage(b"message one"), _CollidingMessage(b"message two")
+    assert hash(one) == hash(two)
+    cache.add_alias(one, entry, "m", 1, rows=1)
+    assert cache.lookup_alias(two, "m", 1) is None
+    assert cache.lookup_alias(_CollidingMessage(b"message one"), "m", 1) == (b"answer", 1)
+
+
+def test_aliases_count_in_the_byte_bound_and_leave_with_their_entry():
+    entry_size = len(b"answer") + ENTRY_OVERHEAD_BYTES
+    alias_size = 100 + ALIAS_OVERHEAD_BYTES
+    cache = ResponseCache(2 * entry_size + alias_size)
+    first, second = _key_n(cache, 1), _key_n(cache, 2)
+    cache.put(first, "m", b"answer")
+    cache.put(second, "m", b"answer")
+    cache.add_alias(b"a" * 100, first, "m", 1, rows=1)  # fits: first is now most recent
+    assert cache.size_bytes == 2 * entry_size + alias_size
+    assert cache.stats.model("m").bytes == cache.size_bytes
+    # An alias that does not fit beside the rest evicts the least recently used entry.
+    cache.add_alias(b"b" * 100, second, "m", 1, rows=1)
+    assert cache.get(first) is None and cache.lookup_alias(b"a" * 100, "m", 1) is None
+    assert cache.lookup_alias(b"b" * 100, "m", 1) == (b"answer", 1)
+    # Replacing an entry takes its aliases along, and their bytes.
+    cache.put(second, "m", b"answer")
+    assert len(cache._aliases) == 0 and cache.size_bytes == entry_size
+    # An alias that cannot fit beside its own entry is refused, evicting nothing.
+    cache.add_alias(b"c" * cache.max_bytes, second, "m", 1, rows=1)
+    assert len(cache._aliases) == 0 and cache.get(second) is not None
+
+
+def test_an_entry_takes_a_bounded_number_of_aliases():
+    cache = ResponseCache(1 << 20)
+    entry = key(cache)
+    cache.put(entry, "m", b"answer")
+    for n in range(MAX_ALIASES_PER_ENTRY + 1):
+        cache.add_alias(bytes([n]), entry, "m", 1, rows=1)
+    assert len(cache._aliases) == MAX_ALIASES_PER_ENTRY
 
 
 def test_drop_model_forgets_only_that_model():
@@ -155,6 +200,11 @@ def test_drop_model_forgets_only_that_model():
     assert cache.drop_model("a") == 1
     assert cache.get(a) is None and cache.get(b) == b"2"
     assert cache.stats.model("a").entries == 0 and cache.stats.model("b").entries == 1
+
+
+def started(body: Callable[[], Awaitable[bytes]]) -> Callable[[], asyncio.Future[bytes]]:
+    """A compute for get_or_compute: `body` started in a task (a future of its value)."""
+    return lambda: asyncio.ensure_future(body())
 
 
 async def test_concurrent_misses_compute_once_and_survive_the_first_callers_cancel():
@@ -169,9 +219,9 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
         await gate.wait()
         return b"answer"
 
-    first = asyncio.create_task(cache.get_or_compute(k, "m", compute))
+    first = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
     await asyncio.sleep(0)
-    others = [asyncio.create_task(cache.get_or_compute(k, "m", compute)) for _ in range(4)]
+    others = [asyncio.create_task(cache.get_or_compute(k, "m", started(compute))) for _ in range(4)]
     await asyncio.sleep(0)
     first.cancel()
     gate.set()
@@ -179,9 +229,43 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
     assert results == [(b"answer", "coalesced")] * 4
     assert calls == 1
     assert first.cancelled()
-    assert await cache.get_or_compute(k, "m", compute) == (b"answer", "hit")
+    assert await cache.get_or_compute(k, "m", started(compute)) == (b"answer", "hit")
     s = cache.stats.total
     assert (s.misses, s.coalesced, s.hits) == (1, 4, 1)
+
+
+async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_starts_afresh():
+    cache = ResponseCache(1 << 20)
+    k = _key_n(cache, 8)
+    gate = asyncio.Event()
+    ended: list[str] = []
+
+    async def compute() -> bytes:
+        try:
+            await gate.wait()
+        except asyncio.CancelledError:
+            ended.append("cancelled")
+            raise
+        ended.append("answered")
+        return b"answer"
+
+    callers = [
+        asyncio.create_task(cache.get_or_compute(k, "m", started(compute))) for _ in range(2)
+    ]
+    await asyncio.sleep(0)
+    callers[0].cancel()
+    await asyncio.gather(callers[0], return_exceptions=True)
+    assert ended == []  # one caller still waits: the computation goes on
+    callers[1].cancel()
+    await asyncio.gather(callers[1], return_exceptions=True)
+    await asyncio.sleep(0)  # the cancel reaches the computation's own task
+    assert ended == ["cancelled"] and len(cache) == 0
+    # A caller after that is not handed the cancelled computation: it starts its own.
+    again = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
+    await asyncio.sleep(0)
+    gate.set()
+    assert await again == (b"answer", "miss")
+    assert ended == ["cancelled", "answered"] and cache.get(k) == b"answer"
 
 
 async def test_a_failure_reaches_every_waiter_and_nothing_is_stored():
@@ -193,7 +277,9 @@ async def test_a_failure_reaches_every_waiter_and_nothing_is_stored():
         await gate.wait()
         raise RuntimeError("model raised")
 
-    waiters = [asyncio.create_task(cache.get_or_compute(k, "m", compute)) for _ in range(3)]
+    waiters = [
+        asyncio.create_task(cache.get_or_compute(k, "m", started(compute))) for _ in range(3)
+    ]
     await asyncio.sleep(0)
     gate.set()
     outcomes = await asyncio.gather(*waiters, return_exceptions=True)
@@ -210,7 +296,7 @@ async def test_a_reload_during_a_computation_does_not_store_the_old_answer():
         await gate.wait()
         return b"old model's answer"
 
-    waiter = asyncio.create_task(cache.get_or_compute(k, "m", compute))
+    waiter = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
     await asyncio.sleep(0)
     cache.drop_model("m")
     gate.set()
