@@ -11,6 +11,7 @@ import pytest
 from salvo.cache import (
     ALIAS_OVERHEAD_BYTES,
     ENTRY_OVERHEAD_BYTES,
+    FINGERPRINT_SAMPLE_BYTES,
     MAX_ALIASES_PER_ENTRY,
     ResponseCache,
 )
@@ -142,22 +143,23 @@ def test_an_alias_leads_only_to_its_own_models_version_and_entry():
     assert len(cache._aliases) == 0
 
 
-class _CollidingMessage(bytes):
-    """A message whose hash is forced equal to every other's."""
-
-    def __hash__(self) -> int:
-        return 0
-
-
-def test_a_forced_alias_collision_cannot_return_another_messages_value():
+def test_a_fingerprint_collision_cannot_return_another_messages_value():
+    # Two long messages alike in every sampled byte, different in one byte elsewhere.
+    size = 8 * FINGERPRINT_SAMPLE_BYTES
+    one = bytearray(size)
+    two = bytearray(size)
+    two[FINGERPRINT_SAMPLE_BYTES + 7] = 1
+    one, two = bytes(one), bytes(two)
     cache = ResponseCache(1 << 20)
     entry = key(cache)
     cache.put(entry, "m", b"answer")
-    one, two = _CollidingMessage(b"message one"), _CollidingMessage(b"message two")
-    assert hash(one) == hash(two)
     cache.add_alias(one, entry, "m", 1, rows=1)
+    assert cache.lookup_alias(one, "m", 1) == (b"answer", 1)
     assert cache.lookup_alias(two, "m", 1) is None
-    assert cache.lookup_alias(_CollidingMessage(b"message one"), "m", 1) == (b"answer", 1)
+    # The second message cannot take the fingerprint: its requests take the full path.
+    cache.add_alias(two, entry, "m", 1, rows=1)
+    assert cache.lookup_alias(two, "m", 1) is None
+    assert cache.lookup_alias(one, "m", 1) == (b"answer", 1)
 
 
 def test_aliases_count_in_the_byte_bound_and_leave_with_their_entry():
