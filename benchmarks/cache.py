@@ -214,8 +214,12 @@ def _paired(rounds: list[dict[str, dict]], label: str, base: str) -> float:
 
 def report(results: dict, args: argparse.Namespace) -> str:
     runs, rounds = results["runs"], results["rounds"]
+    flags = f" --rounds {len(rounds)}" if len(rounds) != 3 else ""
+    flags += f" --torch-threads {args.torch_threads}" if args.torch_threads != 1 else ""
+    command = f"python benchmarks/cache.py{flags}"
+    make = "`make bench-cache` (`python benchmarks/cache.py`)"
     lines = [
-        f"Command: `make bench-cache` (`python benchmarks/cache.py`), {results['date']}.",
+        f"Command: {make if not flags else f'`{command}`'}, {results['date']}.",
         f"Machine: {results['machine']}.",
         f"Server: `salvo serve --torch-threads {args.torch_threads}` on the demo `mlp` and "
         "`resnet`, each also copied as `<name>_nocache` without the cache.",
@@ -238,17 +242,21 @@ def report(results: dict, args: argparse.Namespace) -> str:
             f"| {label} | {r['throughput']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['errors']} | {vs_off} | {vs_live} |"
         )
-    lines += ["", "Targets (issue 4), from this run:", ""]
-    ratio = _paired(rounds, "resnet 90% repeats cache on", "resnet 90% repeats cache off")
+    lines += ["", "Targets (issue 4), from this run (each round's ratio in brackets):", ""]
+    on, off = "resnet 90% repeats cache on", "resnet 90% repeats cache off"
+    ratio = _paired(rounds, on, off)
+    each = ", ".join(f"{r[on]['throughput'] / r[off]['throughput']:.2f}×" for r in rounds)
     lines.append(
         f"- {'met' if ratio >= 5 else '**not met**'}: resnet with 90% repeats, cache on at "
-        f"5× cache off or more: {ratio:.2f}×"
+        f"5× cache off or more: {ratio:.2f}× ({each})"
     )
     for model in SHAPES:
-        share = _paired(rounds, f"{model} all hits", f"ServerLive (beside {model} all hits)")
+        hits, live = f"{model} all hits", f"ServerLive (beside {model} all hits)"
+        share = _paired(rounds, hits, live)
+        each = ", ".join(f"{r[hits]['throughput'] / r[live]['throughput']:.0%}" for r in rounds)
         lines.append(
             f"- {'met' if share >= 0.8 else '**not met**'}: {model} all-hit path at 80% of "
-            f"ServerLive or more: {share:.0%}"
+            f"ServerLive or more: {share:.0%} ({each})"
         )
     return "\n".join(lines)
 
