@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -53,6 +53,9 @@ bench-batching: $(STAMP) perf-venv
 
 bench-cache: $(STAMP)
 	$(BIN)/python benchmarks/cache.py
+
+bench-inprocess: $(STAMP)
+	$(BIN)/python benchmarks/inprocess.py
 
 bench-telemetry: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/telemetry.py
