@@ -226,6 +226,8 @@ class ResponseCache:
         if entry is None or entry.check != key.check or fingerprint in self._aliases:
             return
         charge = len(message) + ALIAS_OVERHEAD_BYTES
+        if fingerprint is not message:
+            charge += len(fingerprint)
         if len(entry.aliases) >= MAX_ALIASES_PER_ENTRY or entry.size + charge > self.max_bytes:
             return
         self._aliases[fingerprint] = _Alias(message, key, model, version, rows)
