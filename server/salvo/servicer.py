@@ -21,12 +21,14 @@ from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto import model_config_pb2 as mc
 
 from . import __version__
+from .batch_queue import Entry
 from .cache import ResponseCache
-from .codec import decode_inputs, encode_outputs
+from .codec import Tensor, decode_inputs, encode_outputs
 from .config import ModelConfig
 from .datatypes import DATATYPES
 from .errors import InvalidRequest, Overloaded, SalvoError, status_for
 from .repository import ModelEntry, ModelManager, ModelVersion
+from .scheduler import Scheduler
 from .telemetry import Probe, Telemetry
 from .validation import InferRequest, validate_request
 
@@ -140,6 +142,18 @@ def _stream_response(infer_response: bytes) -> bytes:
         size >>= 7
     prefix.append(size)
     return bytes(prefix) + infer_response
+
+
+def _stream_error(request: pb.ModelInferRequest, status: grpc.StatusCode, message: str) -> bytes:
+    """An in-band error for one request of a stream: the stream stays OK, so the status
+    travels as a parameter (`grpc_status`) beside the message, with the request's id."""
+    failed = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    failed.parameters["grpc_status"].int64_param = status.value[0]
+    return pb.ModelStreamInferResponse(
+        error_message=message, infer_response=failed
+    ).SerializeToString()
 
 
 def config_to_proto(config: ModelConfig, device_type: str = "cpu") -> mc.ModelConfig:
@@ -347,12 +361,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     _count_cached(mv, probe, "hit", rows, start)
                     ok = True
                     return value + _id_field(request_id)
-            tensors = decode_inputs(request)
-            parameters = _parameters(request)
-            outputs = [o.name for o in request.outputs]
-            validated = validate_request(
-                mv.config, mv.version, request_id, tensors, outputs, parameters
-            )
+            validated, tensors, outputs, parameters = self._validated(mv, request)
             if cache is not None and _cacheable(parameters):
                 key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
                 hit = cache.lookup(key, mv.name)
@@ -375,6 +384,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
         finally:
             mv.stats.record_request(ok, time.monotonic_ns() - start)
+
+    @staticmethod
+    def _validated(
+        mv: ModelVersion, request: pb.ModelInferRequest
+    ) -> tuple[InferRequest, list[Tensor], list[str], dict[str, object]]:
+        """`request` decoded and checked against `mv`'s config, and what it was made of."""
+        tensors = decode_inputs(request)
+        parameters = _parameters(request)
+        outputs = [o.name for o in request.outputs]
+        validated = validate_request(
+            mv.config, mv.version, request.id, tensors, outputs, parameters
+        )
+        return validated, tensors, outputs, parameters
 
     def _response(
         self, mv: ModelVersion, request: InferRequest, arrays: list, request_id: str
@@ -467,9 +489,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         responses: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.stream_max_in_flight)
         tasks: set[asyncio.Task] = set()
+        queued: dict[Entry, Scheduler] = {}
 
         telemetry = self.telemetry
         metadata = context.invocation_metadata()
+
+        def ended(probe: Probe | None, start: float, code: str, message: str) -> None:
+            slots.release()
+            if telemetry is not None and probe is not None:
+                telemetry.end_rpc(STREAM, probe, code, message, time.perf_counter() - start)
+
+        def failed(request: pb.ModelInferRequest, exc: BaseException) -> tuple[str, str]:
+            status, message = status_for(exc)
+            responses.put_nowait(_stream_error(request, status, message))
+            return status.name, message
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
             start = time.perf_counter()
@@ -481,34 +514,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response = response.SerializeToString()
                 responses.put_nowait(_stream_response(response))
             except Exception as exc:
-                status, message = status_for(exc)
-                code = status.name
-                failed = pb.ModelInferResponse(
-                    model_name=request.model_name,
-                    model_version=request.model_version,
-                    id=request.id,
-                )
-                # The stream stays OK, so the status travels as a parameter for clients.
-                failed.parameters["grpc_status"].int64_param = status.value[0]
-                responses.put_nowait(
-                    pb.ModelStreamInferResponse(
-                        error_message=message, infer_response=failed
-                    ).SerializeToString()
-                )
+                code, message = failed(request, exc)
             finally:
-                slots.release()
-                if telemetry is not None and probe is not None:
-                    telemetry.end_rpc(STREAM, probe, code, message, time.perf_counter() - start)
+                ended(probe, start, code, message)
+
+        def serve_queued(request: pb.ModelInferRequest) -> bool:
+            """Serve `request` without a task of its own: queue it on its model and answer
+            from its waiter's callback. False (nothing done) when it needs `serve_one`:
+            an unknown model, or one with the cache (whose path awaits)."""
+            try:
+                mv = self.models.get(request.model_name, request.model_version)
+            except SalvoError:
+                return False
+            if self.cache is not None and mv.config.response_cache.enable:
+                return False
+            start = time.perf_counter()
+            begun = time.monotonic_ns()
+            probe = Probe(telemetry.start_rpc(STREAM, lambda: metadata)) if telemetry else None
+            if probe is not None:
+                probe.model, probe.version = mv.name, str(mv.version)
+            try:
+                validated = self._validated(mv, request)[0]
+                entry = mv.scheduler.submit(validated, None, probe)
+            except Exception as exc:
+                mv.stats.record_request(False, time.monotonic_ns() - begun)
+                ended(probe, start, *failed(request, exc))
+                return True
+
+            def answer(waiter: asyncio.Future) -> None:
+                queued.pop(entry, None)
+                code, message = "OK", ""
+                try:
+                    if waiter.cancelled():  # the stream went away first
+                        code = "CANCELLED"
+                        return
+                    error = waiter.exception()
+                    if error is not None:
+                        raise error
+                    response = self._response(mv, validated, waiter.result(), request.id)
+                    responses.put_nowait(_stream_response(response.SerializeToString()))
+                except Exception as exc:
+                    code, message = failed(request, exc)
+                finally:
+                    mv.stats.record_request(code == "OK", time.monotonic_ns() - begun)
+                    ended(probe, start, code, message)
+
+            entry.waiter.add_done_callback(answer)
+            queued[entry] = mv.scheduler
+            return True
 
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
                     await slots.acquire()
+                    if serve_queued(request):
+                        continue
                     task = asyncio.create_task(serve_one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
+                # Every request answered gives its slot back: all of them back, all answered.
+                for _ in range(self.stream_max_in_flight):
+                    await slots.acquire()
             finally:
                 responses.put_nowait(None)
 
@@ -521,3 +587,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
+            for entry, scheduler in list(queued.items()):
+                scheduler.abandon(entry)
