@@ -27,6 +27,7 @@ from .codec import Tensor, decode_inputs, encode_outputs
 from .config import ModelConfig
 from .datatypes import DATATYPES
 from .errors import InvalidRequest, Overloaded, SalvoError, status_for
+from .parsing import Undecodable
 from .repository import ModelEntry, ModelManager, ModelVersion
 from .scheduler import Scheduler
 from .telemetry import Probe, Telemetry
@@ -483,7 +484,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Serve each request of the stream concurrently; answer each as soon as it is ready.
 
         An error is answered in-band (error_message, with the request's id) and the stream
-        stays open. At most `stream_max_in_flight` requests of one stream run at once.
+        stays open; a message that does not parse ends it, INVALID_ARGUMENT, once the
+        requests before it are answered. At most `stream_max_in_flight` requests of one
+        stream run at once.
         Responses leave as serialized ModelStreamInferResponse bytes (see _stream_response).
         """
         responses: asyncio.Queue[bytes | None] = asyncio.Queue()
@@ -566,6 +569,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def read_all() -> None:
             try:
                 async for request in request_iterator:
+                    if isinstance(request, Undecodable):
+                        refused.append(request)  # answered below, once the rest are
+                        break
                     await slots.acquire()
                     if serve_queued(request):
                         continue
@@ -578,11 +584,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 responses.put_nowait(None)
 
+        refused: list[Undecodable] = []
         reader = asyncio.create_task(read_all())
         try:
             while (response := await responses.get()) is not None:
                 yield response
             await reader
+            if refused:  # from this task, never from the reader's while a response is written
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refused[0].reason)
         finally:
             reader.cancel()
             for task in list(tasks):
