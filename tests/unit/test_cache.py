@@ -239,10 +239,12 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
 async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_starts_afresh():
     cache = ResponseCache(1 << 20)
     k = _key_n(cache, 8)
-    gate = asyncio.Event()
+    gate, running = asyncio.Event(), asyncio.Event()
     ended: list[str] = []
+    computations: list[asyncio.Future[bytes]] = []
 
-    async def compute() -> bytes:
+    async def body() -> bytes:
+        running.set()
         try:
             await gate.wait()
         except asyncio.CancelledError:
@@ -251,23 +253,24 @@ async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_s
         ended.append("answered")
         return b"answer"
 
-    callers = [
-        asyncio.create_task(cache.get_or_compute(k, "m", started(compute))) for _ in range(2)
-    ]
-    await asyncio.sleep(0)
+    def compute() -> asyncio.Future[bytes]:
+        computations.append(asyncio.ensure_future(body()))
+        return computations[-1]
+
+    callers = [asyncio.create_task(cache.get_or_compute(k, "m", compute)) for _ in range(2)]
+    await running.wait()  # both callers took their first step before the computation did
+    assert len(computations) == 1 and cache.stats.total.coalesced == 1
     callers[0].cancel()
     await asyncio.gather(callers[0], return_exceptions=True)
-    assert ended == []  # one caller still waits: the computation goes on
+    assert ended == [] and not computations[0].done()  # one caller still waits
     callers[1].cancel()
-    await asyncio.gather(callers[1], return_exceptions=True)
-    await asyncio.sleep(0)  # the cancel reaches the computation's own task
+    await asyncio.gather(callers[1], *computations, return_exceptions=True)
     assert ended == ["cancelled"] and len(cache) == 0
     # A caller after that is not handed the cancelled computation: it starts its own.
-    again = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
-    await asyncio.sleep(0)
     gate.set()
-    assert await again == (b"answer", "miss")
-    assert ended == ["cancelled", "answered"] and cache.get(k) == b"answer"
+    assert await cache.get_or_compute(k, "m", compute) == (b"answer", "miss")
+    assert len(computations) == 2 and ended == ["cancelled", "answered"]
+    assert cache.get(k) == b"answer"
 
 
 async def test_a_failure_reaches_every_waiter_and_nothing_is_stored():
