@@ -201,9 +201,6 @@ class ResponseCache:
         for tensor in tensors:
             data = _canonical(tensor)
             parts += (len(data).to_bytes(8, "little"), data)
-        return self._key(parts)
-
-    def _key(self, parts: Sequence[bytes | memoryview]) -> CacheKey:
         digest = (_sha256 if self._digest is None else self._digest)(parts)
         return CacheKey(digest, _crc32(parts))
 
@@ -346,8 +343,7 @@ class ResponseCache:
             flight.callers -= 1
             if flight.callers == 0:
                 # Nobody waits: later callers start afresh rather than join a cancelled one.
-                if self._inflight.get(key.digest) is flight:
-                    del self._inflight[key.digest]
+                self._land(key, flight)
                 flight.future.cancel()
             raise
 
@@ -355,12 +351,16 @@ class ResponseCache:
         self, key: CacheKey, model: str, generation: int, flight: _Flight, future: asyncio.Future
     ) -> None:
         """A computation ended: store a value (unless its model was reloaded meanwhile)."""
-        if self._inflight.get(key.digest) is flight:
-            del self._inflight[key.digest]
+        self._land(key, flight)
         if future.cancelled() or future.exception() is not None:
             return  # retrieved, so a failure nobody waits for any more is not logged
         if self._generation.get(model, 0) == generation:
             self.put(key, model, future.result())
+
+    def _land(self, key: CacheKey, flight: _Flight) -> None:
+        """`flight` is no longer the one callers for `key` join (it may be gone already)."""
+        if self._inflight.get(key.digest) is flight:
+            del self._inflight[key.digest]
 
 
 @dataclass(slots=True)

@@ -432,14 +432,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return
             if waiter.cancelled():
                 response.cancel()
-            elif (error := waiter.exception()) is not None:
-                response.set_exception(error)
-            else:
-                try:
-                    arrays = waiter.result()
-                    response.set_result(self._response(mv, request, arrays, "").SerializeToString())
-                except Exception as exc:  # an output that cannot be encoded fails the call
-                    response.set_exception(exc)
+                return
+            try:  # result() raises the request's own error; encoding may raise too
+                arrays = waiter.result()
+                response.set_result(self._response(mv, request, arrays, "").SerializeToString())
+            except Exception as exc:
+                response.set_exception(exc)
 
         def dropped(future: asyncio.Future) -> None:
             if future.cancelled():
@@ -497,10 +495,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         telemetry = self.telemetry
         metadata = context.invocation_metadata()
 
-        def ended(probe: Probe | None, start: float, code: str, message: str) -> None:
+        def stream_metadata() -> Any:
+            return metadata
+
+        def ended(probe: Probe | None, begun_ns: int, code: str, message: str) -> None:
             slots.release()
             if telemetry is not None and probe is not None:
-                telemetry.end_rpc(STREAM, probe, code, message, time.perf_counter() - start)
+                duration_s = (time.monotonic_ns() - begun_ns) / 1e9
+                telemetry.end_rpc(STREAM, probe, code, message, duration_s)
 
         def failed(request: pb.ModelInferRequest, exc: BaseException) -> tuple[str, str]:
             status, message = status_for(exc)
@@ -508,8 +510,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return status.name, message
 
         async def serve_one(request: pb.ModelInferRequest) -> None:
-            start = time.perf_counter()
-            probe = Probe(telemetry.start_rpc(STREAM, lambda: metadata)) if telemetry else None
+            begun = time.monotonic_ns()
+            probe = Probe(telemetry.start_rpc(STREAM, stream_metadata)) if telemetry else None
             code, message = "OK", ""
             try:
                 response = await self._infer(request, None, probe)
@@ -519,7 +521,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             except Exception as exc:
                 code, message = failed(request, exc)
             finally:
-                ended(probe, start, code, message)
+                ended(probe, begun, code, message)
 
         def serve_queued(request: pb.ModelInferRequest) -> bool:
             """Serve `request` without a task of its own: queue it on its model and answer
@@ -531,9 +533,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return False
             if self.cache is not None and mv.config.response_cache.enable:
                 return False
-            start = time.perf_counter()
             begun = time.monotonic_ns()
-            probe = Probe(telemetry.start_rpc(STREAM, lambda: metadata)) if telemetry else None
+            probe = Probe(telemetry.start_rpc(STREAM, stream_metadata)) if telemetry else None
             if probe is not None:
                 probe.model, probe.version = mv.name, str(mv.version)
             try:
@@ -541,26 +542,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 entry = mv.scheduler.submit(validated, None, probe)
             except Exception as exc:
                 mv.stats.record_request(False, time.monotonic_ns() - begun)
-                ended(probe, start, *failed(request, exc))
+                ended(probe, begun, *failed(request, exc))
                 return True
 
             def answer(waiter: asyncio.Future) -> None:
                 queued.pop(entry, None)
                 code, message = "OK", ""
-                try:
-                    if waiter.cancelled():  # the stream went away first
-                        code = "CANCELLED"
-                        return
-                    error = waiter.exception()
-                    if error is not None:
-                        raise error
-                    response = self._response(mv, validated, waiter.result(), request.id)
-                    responses.put_nowait(_stream_response(response.SerializeToString()))
-                except Exception as exc:
-                    code, message = failed(request, exc)
-                finally:
-                    mv.stats.record_request(code == "OK", time.monotonic_ns() - begun)
-                    ended(probe, start, code, message)
+                if waiter.cancelled():  # the stream went away first
+                    code = "CANCELLED"
+                else:
+                    try:  # result() raises the request's own error; encoding may raise too
+                        response = self._response(mv, validated, waiter.result(), request.id)
+                        responses.put_nowait(_stream_response(response.SerializeToString()))
+                    except Exception as exc:
+                        code, message = failed(request, exc)
+                mv.stats.record_request(code == "OK", time.monotonic_ns() - begun)
+                ended(probe, begun, code, message)
 
             entry.waiter.add_done_callback(answer)
             queued[entry] = mv.scheduler
