@@ -19,7 +19,7 @@ from typing import cast
 
 import numpy as np
 
-from .backend import LoadedModel, Timings
+from .backend import LoadedModel, Timings, inherit_torch_threads
 from .batch_queue import BatchQueue, Entry
 from .errors import (
     DeadlineExceeded,
@@ -88,7 +88,11 @@ class Scheduler:
         self._idle.set()
         self._free = list(range(self._instances))
         self._executors = [
-            ThreadPoolExecutor(1, thread_name_prefix=f"salvo-{self.model.config.name}-{i}")
+            ThreadPoolExecutor(
+                1,
+                thread_name_prefix=f"salvo-{self.model.config.name}-{i}",
+                initializer=inherit_torch_threads(),
+            )
             for i in range(self._instances)
         ]
         self._running: set[asyncio.Task] = set()
