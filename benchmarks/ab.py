@@ -14,6 +14,7 @@ tree's `server/` and `client/` come first on PYTHONPATH.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +59,11 @@ def main() -> None:
     parser.add_argument("--streaming", action="store_true", help="perf_analyzer --streaming")
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--alone",
+        action="store_true",
+        help="serve the model alone, as a one-model deployment does (default: the demo repository)",
+    )
     parser.add_argument("--write", action="store_true", help="add the result to RESULTS.md")
     args = parser.parse_args()
 
@@ -74,6 +80,10 @@ def main() -> None:
 
             repo = Path(tmp) / "repo"
             build_demo_repo(repo)
+            if args.alone:
+                for other in repo.iterdir():
+                    if other.name != args.model:
+                        shutil.rmtree(other)
             for round_ in range(args.rounds):
                 order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
                 for side in order:
@@ -93,7 +103,8 @@ def main() -> None:
     print(text)
     if args.write:
         mode = "streaming" if args.streaming else "unary"
-        write_section(f"A/B: {head} against {base} ({args.model}, {mode})", text)
+        alone = " alone" if args.alone else ""
+        write_section(f"A/B: {head} against {base} ({args.model}{alone}, {mode})", text)
 
 
 def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
@@ -102,6 +113,7 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
     p99 = [t["p99_ms"] / b["p99_ms"] for t, b in pairs]
     flags = f" --model {args.model} --concurrency {args.concurrency}"
     flags += " --streaming" if args.streaming else ""
+    flags += " --alone" if args.alone else ""
     flags += f" --rounds {args.rounds}"
     mode = "--streaming" if args.streaming else "--async"
     return "\n".join(
@@ -109,7 +121,9 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
             f"Command: `python benchmarks/ab.py --base {base}{flags}`, {today()}.",
             f"Machine: {machine()}.",
             f"Servers: `salvo serve --torch-threads {args.torch_threads}` from {head} (this) "
-            f"and from {base} (base), a fresh one per measurement. Load: perf_analyzer "
+            f"and from {base} (base), a fresh one per measurement, serving "
+            + (f"`{args.model}` alone" if args.alone else "the demo repository")
+            + ". Load: perf_analyzer "
             f"{mode} -b 1 at concurrency {args.concurrency} on `{args.model}`, a 1 s warm-up "
             f"window, then one measured run; {args.rounds} rounds, the order reversed every "
             "other round.",
