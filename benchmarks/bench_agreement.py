@@ -99,6 +99,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every run here")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server on CPU 0 and the clients on CPU 1, so neither takes the other's CPU",
+    )
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=[f"{m}:{c}" for m, c in CASES],
+        help="MODEL:CONCURRENCY pairs (default: %(default)s)",
+    )
+    parser.add_argument(
         "--from-json", type=Path, help="measure nothing: report a run saved with --json"
     )
     args = parser.parse_args()
@@ -111,7 +122,8 @@ def main() -> None:
     text = report(results)
     print(text)
     if not args.no_write:
-        write_section(TITLE, text)
+        pinned = results.get("settings", {}).get("pin")
+        write_section(TITLE[:-1] + ", pinned)" if pinned else TITLE, text)
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,52 +133,93 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "machine": machine(),
         "date": today(),
-        "settings": {"rounds": args.rounds, "window_ms": args.window_ms, "warmup_s": args.warmup_s},
+        "settings": {
+            "rounds": args.rounds,
+            "window_ms": args.window_ms,
+            "warmup_s": args.warmup_s,
+            "pin": args.pin,
+            "cases": args.cases,
+        },
         "load_average_at_start": os.getloadavg(),
         "cases": [],
     }
     from salvo.demo import build_demo_repo
 
+    cases = [parse_case(text) for text in args.cases]
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
         build_demo_repo(repo)
         # One torch thread leaves the second core of a small machine to the client.
-        with ServerProcess(repo, "--torch-threads", "1") as server:
-            for model, concurrency in CASES:
-                case: dict[str, Any] = {
-                    "model": model,
-                    "concurrency": concurrency,
-                    "perf_analyzer": [],
-                    "salvo_bench": [],
-                }
-                # Unmeasured: the server meets this load's batch sizes before either client
-                # is timed (the first forward pass at a new input shape is slow).
-                run_bench(server.grpc_target, model, concurrency, args.warmup_s)
-                for round_ in range(args.rounds):
-                    order = ["perf_analyzer", "salvo_bench"]
-                    for name in order if round_ % 2 == 0 else order[::-1]:
-                        before = batch_counts(server.grpc_target, model)
-                        if name == "perf_analyzer":
-                            m = run_perf_analyzer(
-                                server.grpc_target, model, concurrency, args.window_ms
-                            )
-                        else:
-                            m = run_bench(server.grpc_target, model, concurrency, duration_s)
-                        after = batch_counts(server.grpc_target, model)
-                        # Rows per forward pass (warm-up and retries included): a client that
-                        # is slow to send the next request leaves the batcher less to batch.
-                        m["avg_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                        case[name].append(m)
-                        print(
-                            f"{model} c={concurrency} round {round_ + 1} {name}: "
-                            f"{m['throughput']:,.0f}/s p50 {m['p50_ms']:.2f} ms "
-                            f"p99 {m['p99_ms']:.2f} ms client CPU {m['cpu']:.2f} "
-                            f"batch {m['avg_batch']:.2f}",
-                            flush=True,
-                        )
-                results["cases"].append(case)
+        cpus = os.sched_getaffinity(0)
+        if args.pin and not {0, 1} <= cpus:
+            raise SystemExit(f"--pin needs CPUs 0 and 1; this process may use {sorted(cpus)}")
+        try:
+            if args.pin:
+                os.sched_setaffinity(0, {0})  # the server's threads inherit CPU 0...
+            with ServerProcess(repo, "--torch-threads", "1") as server:
+                if args.pin:
+                    os.sched_setaffinity(0, {1})  # ...and the clients, CPU 1
+                for model, concurrency in cases:
+                    results["cases"].append(
+                        measure_case(args, server.grpc_target, model, concurrency, duration_s)
+                    )
+        finally:
+            os.sched_setaffinity(0, cpus)
     results["load_average_at_end"] = os.getloadavg()
     return results
+
+
+def measure_case(
+    args: argparse.Namespace, target: str, model: str, concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    """One case's rounds, perf_analyzer and salvo bench alternating which goes first."""
+    case: dict[str, Any] = {
+        "model": model,
+        "concurrency": concurrency,
+        "perf_analyzer": [],
+        "salvo_bench": [],
+    }
+    # Unmeasured: the server meets this load's batch sizes before either client is timed (the
+    # first forward pass at a new input shape is slow).
+    run_bench(target, model, concurrency, args.warmup_s)
+    for round_ in range(args.rounds):
+        order = ["perf_analyzer", "salvo_bench"]
+        for name in order if round_ % 2 == 0 else order[::-1]:
+            before = batch_counts(target, model)
+            if name == "perf_analyzer":
+                m = run_perf_analyzer(target, model, concurrency, args.window_ms)
+            else:
+                m = run_bench(target, model, concurrency, duration_s)
+            after = batch_counts(target, model)
+            # Rows per forward pass (warm-up and retries included): a client that is slow to
+            # send the next request leaves the batcher less to batch.
+            m["avg_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            case[name].append(m)
+            print(
+                f"{model} c={concurrency} round {round_ + 1} {name}: "
+                f"{m['throughput']:,.0f}/s p50 {m['p50_ms']:.2f} ms "
+                f"p99 {m['p99_ms']:.2f} ms client CPU {m['cpu']:.2f} "
+                f"batch {m['avg_batch']:.2f}",
+                flush=True,
+            )
+    return case
+
+
+def parse_case(text: str) -> tuple[str, int]:
+    """`MODEL:CONCURRENCY`, as --cases takes it."""
+    model, _, concurrency = text.partition(":")
+    if not model or not concurrency.isdigit() or int(concurrency) < 1:
+        raise SystemExit(f"--cases: {text!r} is not MODEL:CONCURRENCY (mlp:8, say)")
+    return model, int(concurrency)
+
+
+def _flags(settings: dict) -> str:
+    flags = f" --rounds {settings['rounds']}" if settings["rounds"] != 3 else ""
+    if settings.get("pin"):
+        flags += " --pin"
+    if settings.get("cases") and settings["cases"] != [f"{m}:{c}" for m, c in CASES]:
+        flags += " --cases " + " ".join(settings["cases"])
+    return flags
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -180,10 +233,13 @@ def report(results: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in results["load_average_at_start"])
     end = ", ".join(f"{x:.1f}" for x in results["load_average_at_end"])
     lines = [
-        f"Command: `.venv/bin/python benchmarks/bench_agreement.py`, {results['date']}.",
+        f"Command: `.venv/bin/python benchmarks/bench_agreement.py{_flags(settings)}`, "
+        f"{results['date']}.",
         f"Machine: {results['machine']}; load average {load} at the start and "
         f"{end} at the end (a shared machine: other processes ran alongside).",
-        f"Server: `salvo serve --torch-threads 1` on the demo repository. perf_analyzer 2.51: "
+        "Server: `salvo serve --torch-threads 1` on the demo repository"
+        + (", pinned to CPU 0, the clients to CPU 1" if settings.get("pin") else "")
+        + ". perf_analyzer 2.51: "
         f"`--async -b 1 -p {window_ms} -s 25 --max-trials 6` (retried with `-s 50`, then "
         "`-s 100 --max-trials 10`, when it found no stable windows). salvo bench: "
         f"`salvo bench -c N --duration-s {3 * window_ms / 1000:g} --warmup-s 1` "

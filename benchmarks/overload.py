@@ -35,6 +35,7 @@ after; the CPU of the server, nginx and the generator. Figures go to benchmarks/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -61,7 +62,7 @@ from stress import (  # noqa: E402
 
 from salvo_client.bench import percentiles_ms  # noqa: E402
 from tests import h2load  # noqa: E402
-from tests.nginx import Nginx  # noqa: E402
+from tests.nginx import MAX_IN_FLIGHT_PER_REPLICA, Nginx  # noqa: E402
 
 SHAPES = {"mlp": (1, 64), "resnet": (1, 3, 64, 64)}
 CANCELLED_BY_CORE = """
@@ -143,8 +144,8 @@ def main() -> int:
     parser.add_argument(
         "--max-in-flight",
         type=int,
-        default=64,
-        help="with --via-nginx: calls nginx lets through at once (render.py's default: 64)",
+        default=MAX_IN_FLIGHT_PER_REPLICA,
+        help="with --via-nginx: calls nginx lets through at once (default: render.py's)",
     )
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
@@ -155,7 +156,7 @@ def main() -> int:
     kinds = (Kind(args.model, payload),)
     clients = Clients(args.clients)
     phases: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as running:
         repo = Path(tmp) / "repo"
         batching = build_repo(repo, args.model, args.max_queue_size)
         body = Path(tmp) / "body"
@@ -167,6 +168,7 @@ def main() -> int:
                 (Path(tmp) / "nginx").mkdir()
                 proxy = Nginx(Path(tmp) / "nginx", [target], max_in_flight=args.max_in_flight)
                 target = proxy.start().target
+                running.callback(proxy.stop)  # before the server, whatever happens
             sampler = ServerSampler(server.proc.pid)
             load_start = os.getloadavg()
             clients.run(Load(target, kinds, 0, 2.0, concurrency=args.concurrency))  # warm-up
@@ -179,13 +181,15 @@ def main() -> int:
                 if h2:
                     run = h2load.drive(target, body, duration_s, Path(tmp) / "h2load.log", **load)
                     latency_ns, generator_cpu = run.latency_ns, run.cpu_s
+                    assert proxy is not None
+                    # The calls h2load reset at its end are logged a moment later.
+                    proxy.wait_logged(logged_from + run.started)
                 else:
                     records = clients.run(Load(target, kinds, 0, duration_s, **load))
                     stats = summary(records, duration_s=duration_s)
                     latency_ns = records[records["code"] == 0]["latency_ns"]
                     generator_cpu = float("nan")  # pool processes outlive the phase
                 if proxy:
-                    # Lines still being read from nginx go to the next phase: a handful.
                     seen = h2load.logged(proxy.access[logged_from:])
                     nginx_cpu = (nginx_cpu_s(proxy.proc.pid) - nginx_before) / duration_s
                 if h2:
@@ -219,8 +223,7 @@ def main() -> int:
             sampler.stop()
             alive = server.proc.poll() is None
             load_end = os.getloadavg()
-            if proxy:
-                proxy.stop()
+            running.close()
     clients.close()
     for name in phases:  # the server's CPU share needs the sampler's last sample of each
         phases[name]["server_cpu"] = sampler.cpu_share(name)
@@ -305,10 +308,12 @@ def main() -> int:
             if args.via_nginx
             else ""
         )
-        if args.via_nginx:
-            ending = SHED_BY_NGINX if statuses.get("OK") and not core_shed else ""
+        if core_shed:
+            ending = CANCELLED_BY_CORE
+        elif args.via_nginx:
+            ending = SHED_BY_NGINX if shed else ""
         else:
-            ending = CANCELLED_BY_CORE if core_shed else ALL_REACHED_THE_QUEUE
+            ending = ALL_REACHED_THE_QUEUE
         generator = H2LOAD_CLIENT if h2 else PYTHON_CLIENTS.format(clients=args.clients)
         body_text = f"""
 Command: `python benchmarks/overload.py {options}`, {today()}.

@@ -2,7 +2,7 @@
 record of what each call got.
 
 A Python gRPC client spends about 200 µs of CPU a call; at 5x the saturating load of `mlp`
-that is more than one of this machine's two cores, taken from the server it measures.
+on a 2-core machine that is more than one of its cores, taken from the server it measures.
 h2load is C and spends a few µs a call, so the rate it is asked for is the rate it sends.
 It speaks HTTP/2, not gRPC: every call posts the same length-prefixed ModelInferRequest, and
 it cannot read gRPC statuses (they are in trailers, after HTTP 200). So it is used only
@@ -20,7 +20,6 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import grpc
@@ -30,9 +29,9 @@ H2LOAD = shutil.which("h2load")
 INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 STATUS_NAMES = {str(code.value[0]): code.name for code in grpc.StatusCode}
 LOG_LINE = re.compile(
-    r"\[(?P<time>[^\]]+)\] \"[^\"]*\" \d+ grpc_status=(?P<status>\d*) "
-    r".* request_s=(?P<s>[\d.]+)"
+    r"\] (?P<at>[\d.]+) \"[^\"]*\" \d+ grpc_status=(?P<status>\d*) .* request_s=(?P<s>[\d.]+)"
 )
+STARTED = re.compile(r"requests: \d+ total, (\d+) started")
 CLIENT_CLOSED = "CLIENT_CLOSED"
 """No gRPC status: the client reset the call before its end (nginx logs HTTP 499, or 200 or
 400 when it was part way). h2load does so to the calls still open when its time is up."""
@@ -51,6 +50,8 @@ class Run:
     """Every finished call, from h2load sending it to the end of its answer (shed ones too)."""
     cpu_s: float
     """h2load's own CPU time."""
+    started: int
+    """Calls sent, finished or not: nginx logs each one, those h2load reset at the end too."""
 
 
 def drive(
@@ -70,6 +71,10 @@ def drive(
     through, so arrivals never wait on answers)."""
     if H2LOAD is None:
         raise RuntimeError("h2load not found: apt-get install nghttp2-client")
+    if not requests and round(duration_s) < 1:
+        raise ValueError(f"h2load runs for whole seconds, at least 1: {duration_s}")
+    if rate <= 0 and concurrency <= 0:
+        raise ValueError("give a rate (open loop) or a concurrency (closed loop)")
     if rate:
         shape = ["-c", str(connections), "-m", "256", "--rps", f"{rate / connections:.3f}"]
     else:
@@ -92,7 +97,10 @@ def drive(
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     # Columns: start (µs since the epoch), HTTP status, µs to the end of the answer.
     latency_us = [int(line.split("\t")[2]) for line in log.read_text().splitlines() if line]
-    return Run(np.array(latency_us, dtype=np.int64) * 1000, cpu_s)
+    started = STARTED.search(done.stdout)
+    if started is None:
+        raise RuntimeError(f"h2load's summary has no request counts:\n{done.stdout}")
+    return Run(np.array(latency_us, dtype=np.int64) * 1000, cpu_s, int(started.group(1)))
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ class Logged:
     ok_ns: np.ndarray
     """OK calls: how long nginx held each (millisecond resolution)."""
     ok_at_s: np.ndarray
-    """OK calls: when nginx logged each (seconds since the epoch, whole seconds)."""
+    """OK calls: when each ended (seconds since the epoch, to the millisecond)."""
 
 
 def logged(lines: Iterable[str]) -> Logged:
@@ -118,5 +126,5 @@ def logged(lines: Iterable[str]) -> Logged:
         statuses[STATUS_NAMES.get(match["status"], match["status"]) or CLIENT_CLOSED] += 1
         if match["status"] == "0":
             ok_s.append(float(match["s"]))
-            ok_at.append(datetime.strptime(match["time"], "%d/%b/%Y:%H:%M:%S %z").timestamp())
+            ok_at.append(float(match["at"]))
     return Logged(statuses, np.array(ok_s) * 1e9, np.array(ok_at))

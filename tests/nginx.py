@@ -11,18 +11,27 @@ import socket
 import subprocess
 import threading
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[1]
 RENDER = ROOT / "deploy" / "nginx" / "render.py"
 NGINX = shutil.which("nginx")
 
 
-def _render(listen: str, backends: list[str], **options: int) -> str:
+def _render_module():
     spec = importlib.util.spec_from_file_location("render", RENDER)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.render(listen, backends, **options)
+    return module
+
+
+MAX_IN_FLIGHT_PER_REPLICA: int = _render_module().MAX_IN_FLIGHT_PER_REPLICA
+"""render.py's default: calls nginx lets through at once, per replica."""
+
+
+def _render(listen: str, backends: list[str], **options: int) -> str:
+    return _render_module().render(listen, backends, **options)
 
 
 def _free_port() -> int:
@@ -83,7 +92,7 @@ class Nginx:
             raise RuntimeError("nginx did not start:\n" + "".join(self.lines))
         return self
 
-    def _read(self, stream, into: list[str]) -> None:
+    def _read(self, stream: IO[str], into: list[str]) -> None:
         for line in stream:
             with self._changed:
                 into.append(line)
@@ -95,7 +104,10 @@ class Nginx:
         """Block until the access log holds `count` lines. nginx logs a call once its answer
         has left, so a client can see the answer a moment before its line exists."""
         with self._changed:
-            if not self._changed.wait_for(lambda: len(self.access) >= count, timeout_s):
+            self._changed.wait_for(
+                lambda: len(self.access) >= count or self.proc.poll() is not None, timeout_s
+            )
+            if len(self.access) < count:
                 raise AssertionError(f"nginx logged {len(self.access)} calls, wanted {count}")
 
     def stop(self) -> None:
@@ -108,3 +120,6 @@ class Nginx:
                 self.proc.wait()
         for reader in self._readers:
             reader.join(10)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()

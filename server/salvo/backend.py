@@ -131,19 +131,20 @@ def _load_exported(path: Path, device: torch.device) -> Any:
     return program.module().to(device)
 
 
-
 def inherit_torch_threads() -> Callable[[], None]:
     """An initializer for the threads that run models: torch's intra-op thread count as the
     calling thread has it (`--torch-threads`, set on the main thread at start-up).
 
-    OpenMP keeps that count per thread, and a new thread starts from its default, every core.
-    Without this, a model's executor thread ran each batch on an OpenMP team of every core
-    whatever `--torch-threads` said, and the team's idle worker spun between batches: most
-    of a core lost on a 2-core machine (measured: a loop of batch-16 `mlp` passes on a
-    second thread took 1.29 cores instead of 0.35).
+    OpenMP keeps that count per thread, and a new thread starts from OpenMP's default, every
+    core; running a model's forward pass there did not change it (tests/integration/
+    test_threads.py fails without this). So a model's executor thread ran batches on an
+    OpenMP team of every core whatever `--torch-threads` said, and the team's idle member
+    spun between batches: most of a core lost on a 2-core machine (measured: a loop of
+    batch-16 `mlp` passes on a second thread took 1.29 cores instead of 0.35).
     """
     count = torch.get_num_threads()
     return lambda: torch.set_num_threads(count)
+
 
 @dataclass(frozen=True, slots=True)
 class Timings:

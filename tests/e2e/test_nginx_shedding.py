@@ -93,10 +93,12 @@ def test_a_call_past_the_limit_is_shed_with_push_back_and_never_reaches_the_repl
     with tc.InferenceServerClient(proxy.target) as client:
         # Under the limit, calls pass through.
         assert client.infer("mlp", _mlp(1.0), client_timeout=10).as_numpy("output").shape == (1, 10)
+        proxy.wait_logged(1)  # and nginx has let go of it
         served_before = _served(server, "mlp")
 
         with ThreadPoolExecutor(1) as pool:
             # One call held in the gated model's forward pass: the one slot is taken.
+            logged = len(proxy.access)
             first = pool.submit(_gated, proxy.target, 3.0)
             server.wait_for_line(r"gated forward")
 
@@ -120,6 +122,8 @@ def test_a_call_past_the_limit_is_shed_with_push_back_and_never_reaches_the_repl
             assert not first.done()
             gate.release()
             np.testing.assert_array_equal(first.result(30), np.full((1, 4), 6.0))
+            # nginx frees the slot as it logs the call, a moment after the answer left.
+            proxy.wait_logged(logged + 7)  # the held call, the 5 shed ModelInfers, ServerLive
 
         # The slot is free again: calls pass.
         for value in range(5):
@@ -162,6 +166,7 @@ def test_h2load_burst_is_shed_and_nginx_log_accounts_for_every_call(held, tmp_pa
         return h2load.logged(proxy.access[start:])
 
     with ThreadPoolExecutor(1) as pool:
+        logged = len(proxy.access)
         first = pool.submit(_gated, proxy.target, 3.0)
         server.wait_for_line(r"gated forward")
         # The slot is held: 16 at a time from h2load, every one shed.
@@ -171,6 +176,7 @@ def test_h2load_burst_is_shed_and_nginx_log_accounts_for_every_call(held, tmp_pa
         assert _served(server, "mlp") == served_before
         gate.release()
         np.testing.assert_array_equal(first.result(30), np.full((1, 4), 6.0))
+        proxy.wait_logged(logged + 201)  # the held call and the burst: the slot is free
 
     # One at a time, every call is served, and nginx's log says so.
     served = burst(50, 1)
