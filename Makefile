@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -87,6 +87,10 @@ bench-overload: $(STAMP) deploy-tools
 
 bench-soak: $(STAMP)
 	$(BIN)/python benchmarks/soak.py
+
+# Issue 9: Salvo's server CPU per request against the bare gRPC server, at a fixed rate (h2load).
+bench-cpu: $(STAMP) deploy-tools
+	$(BIN)/python benchmarks/cpu_cost.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,8 @@ Load generators (`--generator`):
   200 µs of CPU a call, on the server's two cores: at 5x `mlp` it cannot send what it is
   asked for, nor read answers as fast as they come.
 - `h2load` (implies `--via-nginx`): Debian's h2load (tests/h2load.py), a few µs a call,
-  evenly spaced arrivals; statuses and OK latency come from nginx's access log.
+  evenly spaced arrivals; statuses and OK latency come from nginx's access log (h2load's
+  own timing reads high in rate mode: trust nginx's).
 
 Reported: admitted (OK) p99 during the burst, per 5 s window (flat = bounded); the shed
 count (RESOURCE_EXHAUSTED) and, with the Python clients, how many carried
