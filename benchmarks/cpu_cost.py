@@ -22,7 +22,6 @@ No latency is reported: h2load's timing in rate mode reads high (2.1 ms p50 at 2
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys
@@ -35,27 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ServerProcess, machine, today, write_section  # noqa: E402
 from compare import bare_server  # noqa: E402
-from stress import cpu_s, infer_payload  # noqa: E402
+from stress import cpu_s, infer_payload, thread_cpu_s  # noqa: E402
 
 from tests import h2load  # noqa: E402
 
 MODEL = "mlp"
-
-
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds each thread of process `pid` has used so far."""
-    return {
-        int(task.name): cpu_s_of_task(pid, int(task.name))
-        for task in Path(f"/proc/{pid}/task").iterdir()
-    }
-
-
-def cpu_s_of_task(pid: int, tid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0  # the thread ended
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def served(target: str) -> int:

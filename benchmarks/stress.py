@@ -202,13 +202,21 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) process `pid` has used (0 once it has gone)."""
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) process `pid`, or its thread `tid`, has used (0 once it
+    has gone)."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds each thread of process `pid` has used so far, by thread id."""
+    tids = [int(task.name) for task in Path(f"/proc/{pid}/task").iterdir()]
+    return {tid: cpu_s(pid, tid) for tid in tids}
 
 
 class ServerSampler:

@@ -4,6 +4,7 @@ real `salvo serve` processes."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import shutil
 import signal
@@ -18,6 +19,7 @@ RENDER = ROOT / "deploy" / "nginx" / "render.py"
 NGINX = shutil.which("nginx")
 
 
+@functools.cache
 def _render_module():
     spec = importlib.util.spec_from_file_location("render", RENDER)
     assert spec is not None and spec.loader is not None
