@@ -25,6 +25,8 @@ class GatedModule:
     def __init__(self) -> None:
         self.batches: list[list[float]] = []
         self.shapes: list[tuple[int, ...]] = []
+        self.threads: list[int] = []
+        """The thread each forward pass ran on (threading.get_ident)."""
         self._held = False
         self._tokens = threading.Semaphore(0)
         self._changed = threading.Condition()
@@ -56,6 +58,7 @@ class GatedModule:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with self._changed:
             self.batches.append([float(v) for v in x.reshape(x.shape[0], -1)[:, 0]])
+            self.threads.append(threading.get_ident())
             self.shapes.append(tuple(x.shape))
             self._changed.notify_all()
         if self._held and not self._tokens.acquire(timeout=60):

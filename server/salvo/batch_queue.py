@@ -13,10 +13,13 @@ Policy (Triton's vocabulary):
 - Expected returns: each answered row is counted as a row about to come back (a client in a
   closed loop sends its next request), and each arriving row cancels one. While rows are
   expected, a free instance holds a batch that is not full for at most
-  `max_queue_delay_ns`, so under load batches fill up instead of splitting in two. At low
-  load the row that comes back has arrived before the instance asks, so nothing waits;
-  a hold that times out forgets what it expected (clients that left). Only batches whose
-  forward pass took at least `max_queue_delay_ns` count: a fast model never waits.
+  `max_queue_delay_ns`, so under load batches fill up instead of splitting into small
+  ones, each paying the per-batch cost. At low load the row that comes back has arrived
+  before the instance asks, so nothing waits. A hold that times out forgets what it
+  expected (clients that left, or callers that do not wait for their answers, such as a
+  stream sending ahead), and the next holds are skipped: after the n-th timeout in a row,
+  the next 2^n - 1 answered batches expect nothing (at most 1,023). A hold that ends
+  because the rows came resets that count.
 - With preferred sizes, the largest preferred size that the queue can fill goes at once;
   a smaller batch waits until `max_queue_delay_ns` has passed.
 """
@@ -29,6 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .errors import Overloaded
+
+MAX_MISSES = 10
+"""Timed-out holds in a row that count: after that, 1,023 batches skip expectations."""
 
 
 class Batchable(Protocol):
@@ -87,6 +93,11 @@ class BatchQueue:
         self.expected_rows = 0
         """Rows answered whose clients have not sent again yet (see the module doc)."""
         self._free_since_ns = 0
+        self._holding = False
+        self._misses = 0
+        """Holds for returning rows that timed out in a row."""
+        self._skip = 0
+        """Answered batches still to complete before rows are expected back again."""
 
     def __len__(self) -> int:
         return self._size
@@ -114,14 +125,12 @@ class BatchQueue:
         self._rows += entry.request.rows
         self.expected_rows = max(self.expected_rows - entry.request.rows, 0)
 
-    def completed(self, rows: int, now_ns: int, compute_ns: int | None = None) -> None:
-        """A batch of `rows` was answered: expect that many rows back.
-
-        Only when its forward pass took at least `max_queue_delay_ns`: holding a batch for
-        longer than running one costs more than the fuller batch saves (an overhead-bound
-        model runs best on whatever is queued).
-        """
-        if compute_ns is None or compute_ns >= self.max_queue_delay_ns:
+    def completed(self, rows: int, now_ns: int) -> None:
+        """A batch of `rows` was answered: expect that many rows back, unless recent holds
+        timed out (see the module doc)."""
+        if self._skip:
+            self._skip -= 1
+        else:
             self.expected_rows += rows
         self._free_since_ns = now_ns
 
@@ -201,8 +210,15 @@ class BatchQueue:
                 return None
         elif not self.preferred and rows < self.max_batch_size and self.expected_rows:
             if now_ns < hold_until:
+                self._holding = True
                 return None
-            self.expected_rows = 0  # they did not come: stop expecting them
+            # They did not come: stop expecting them, and skip the next holds.
+            self.expected_rows = 0
+            self._misses = min(self._misses + 1, MAX_MISSES)
+            self._skip = (1 << self._misses) - 1
+        elif self._holding:
+            self._misses = 0  # the rows it held for came
+        self._holding = False
         for entry in chosen:
             self.remove(entry)
         return chosen

@@ -2,8 +2,9 @@
 
 It owns a BatchQueue (all policy lives there) and `instance_count` worker threads. The
 loop waits for work or for a free instance, asks the queue for the next batch and hands
-it to a free instance's thread; forward passes never run on the event loop. Futures are
-only ever touched on the loop thread.
+it to a free instance's thread, or, for a model whose batches take a fraction of a
+millisecond, runs it right there on the loop (`optimization.execution`, see
+`runs_on_loop`). Futures are only ever touched on the loop thread.
 """
 
 from __future__ import annotations
@@ -34,6 +35,32 @@ from .validation import InferRequest
 log = logging.getLogger(__name__)
 
 _Outputs = list[np.ndarray]
+
+LOOP_MAX_NS = 2_000_000
+"""`execution: auto` runs a model on the event loop when its largest batch took less."""
+LOOP_GUARD_NS = 2 * LOOP_MAX_NS
+LOOP_GUARD_BATCHES = 3
+"""An `auto` model whose batches take longer than LOOP_GUARD_NS on the loop this many
+times in a row moves to its thread for good (one slow batch is the machine's hiccup)."""
+
+
+def runs_on_loop(model: LoadedModel) -> bool:
+    """Whether `model`'s batches run on the event loop (see OptimizationConfig.execution).
+
+    On a CPU a fast model's forward pass costs less than the two hand-overs of the GIL and
+    the wake-ups that running it on a thread takes (measured: benchmarks/RESULTS.md). A
+    model on CUDA waits for its device, and several instances run in parallel: threads.
+    """
+    config = model.config
+    execution = config.optimization.execution
+    if execution != "auto":
+        return execution == "loop"
+    return (
+        model.device.type == "cpu"
+        and config.instance_count == 1
+        and model.largest_batch_ns is not None
+        and model.largest_batch_ns < LOOP_MAX_NS
+    )
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:
@@ -80,6 +107,16 @@ class Scheduler:
         """Requests inside batches that are running now."""
         self._instances = config.instance_count
         self._accepting = False
+        self.on_loop = runs_on_loop(model)
+        """Batches run on the event loop rather than on an instance's thread."""
+        self._slow_on_loop = 0
+        timed = model.largest_batch_ns
+        log.info(
+            "model '%s' version %d: batches run on %s (execution: %s; largest batch %s)",
+            config.name, version, "the event loop" if self.on_loop else "instance threads",
+            config.optimization.execution,
+            "not timed" if timed is None else f"{timed / 1e6:.2f} ms at warm-up",
+        )  # fmt: skip
 
     async def start(self) -> None:
         """Create the loop-bound state and start the dispatch task, on the running loop."""
@@ -236,6 +273,7 @@ class Scheduler:
                             f"request timed out in the queue of model '{self.model.config.name}'"
                         ),
                     )
+            ran_here = False
             while self._free and self.queue:
                 batch = self.queue.next_batch(now)
                 if batch is None:
@@ -243,11 +281,17 @@ class Scheduler:
                     break
                 instance = self._free.pop()
                 self.in_flight += len(batch)
+                if self.on_loop:
+                    self._run_here(instance, batch)
+                    ran_here = True
+                    break  # let the loop serve I/O before the next batch
                 task = asyncio.create_task(self._execute(instance, batch))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
                 task.add_done_callback(_log_crash)
             self._after_change()
+            if ran_here:
+                await asyncio.sleep(0)
 
     def _arm_timer(self) -> None:
         when = self.queue.hold_until_ns()
@@ -259,48 +303,92 @@ class Scheduler:
         delay_s = max(when - time.monotonic_ns(), 0) / 1e9
         self._timer = loop.call_later(delay_s, self._wake.set)
 
-    async def _execute(self, instance: int, batch: list[Entry]) -> None:
-        loop = asyncio.get_running_loop()
-        start = time.monotonic_ns()
+    def _run_here(self, instance: int, batch: list[Entry]) -> None:
+        """Run `batch` on the event loop, now (see `runs_on_loop`)."""
+        start = self._begin(batch)
         try:
-            telemetry = self.telemetry
-            name = self.model.config.name
-            for entry in batch:
-                self.stats.queue.add(start - entry.enqueued_ns)
-                if telemetry is not None:
-                    telemetry.record_queue(name, self.version, (start - entry.enqueued_ns) / 1e9)
-            try:
-                ran, outputs, timings = await loop.run_in_executor(
-                    self._executors[instance], self._run_batch, batch
-                )
-            except SalvoError as exc:
-                log.warning("batch of %d failed: %s", len(batch), exc.message)
-                for entry in batch:
-                    _set_exception(entry.waiter, exc)
-                return
-            except Exception as exc:  # our own bug: fail this batch only, and say so in the log
-                log.exception("batch of model '%s' failed", self.model.config.name)
-                for entry in batch:
-                    _set_exception(entry.waiter, ModelFailed(f"batch failed: {type(exc).__name__}"))
-                return
-            for entry in batch:
-                if entry not in ran:
-                    entry.waiter.cancel()  # its caller left; nobody waits for an answer
-            if ran:
-                rows = sum(e.request.rows for e in ran)
-                self.stats.record_batch(
-                    rows, len(ran), timings.input_ns, timings.infer_ns, timings.output_ns
-                )
-                if telemetry is not None:
-                    self._observe(telemetry, ran, rows, start, timings)
-                self._answer(ran, outputs)
+            ran, outputs, timings = self._run_batch(batch)
+        except Exception as exc:
+            self._failed(batch, exc)
+        else:
+            self._succeeded(batch, ran, outputs, timings, start)
+            took_ns = timings.input_ns + timings.infer_ns + timings.output_ns
+            self._slow_on_loop = self._slow_on_loop + 1 if took_ns > LOOP_GUARD_NS else 0
+            auto = self.model.config.optimization.execution == "auto"
+            if auto and self._slow_on_loop >= LOOP_GUARD_BATCHES:
+                self.on_loop = False
+                log.warning(
+                    "model '%s': %d batches in a row took over %.0f ms on the event loop "
+                    "(the last: %d rows, %.1f ms); its batches run on its own thread from now on",
+                    self.model.config.name, LOOP_GUARD_BATCHES, LOOP_GUARD_NS / 1e6,
+                    sum(e.request.rows for e in ran), took_ns / 1e6,
+                )  # fmt: skip
         finally:
-            finished = time.monotonic_ns()
-            self.queue.completed(sum(e.request.rows for e in batch), finished, finished - start)
-            self.in_flight -= len(batch)
-            self._free.append(instance)
-            self._wake.set()
-            self._after_change()
+            self._end(instance, batch, start)
+
+    async def _execute(self, instance: int, batch: list[Entry]) -> None:
+        """Run `batch` on `instance`'s thread."""
+        loop = asyncio.get_running_loop()
+        start = self._begin(batch)
+        try:
+            ran, outputs, timings = await loop.run_in_executor(
+                self._executors[instance], self._run_batch, batch
+            )
+        except Exception as exc:
+            self._failed(batch, exc)
+        else:
+            self._succeeded(batch, ran, outputs, timings, start)
+        finally:
+            self._end(instance, batch, start)
+
+    def _begin(self, batch: list[Entry]) -> int:
+        """Queue-time statistics for a batch about to run; its start time."""
+        start = time.monotonic_ns()
+        telemetry = self.telemetry
+        name = self.model.config.name
+        for entry in batch:
+            self.stats.queue.add(start - entry.enqueued_ns)
+            if telemetry is not None:
+                telemetry.record_queue(name, self.version, (start - entry.enqueued_ns) / 1e9)
+        return start
+
+    def _failed(self, batch: list[Entry], exc: Exception) -> None:
+        if isinstance(exc, SalvoError):
+            log.warning("batch of %d failed: %s", len(batch), exc.message)
+            error: SalvoError = exc
+        else:  # our own bug: fail this batch only, and say so in the log
+            log.exception("batch of model '%s' failed", self.model.config.name, exc_info=exc)
+            error = ModelFailed(f"batch failed: {type(exc).__name__}")
+        for entry in batch:
+            _set_exception(entry.waiter, error)
+
+    def _succeeded(
+        self,
+        batch: list[Entry],
+        ran: list[Entry],
+        outputs: _Outputs,
+        timings: Timings,
+        start: int,
+    ) -> None:
+        for entry in batch:
+            if entry not in ran:
+                entry.waiter.cancel()  # its caller left; nobody waits for an answer
+        if ran:
+            rows = sum(e.request.rows for e in ran)
+            self.stats.record_batch(
+                rows, len(ran), timings.input_ns, timings.infer_ns, timings.output_ns
+            )
+            if self.telemetry is not None:
+                self._observe(self.telemetry, ran, rows, start, timings)
+            self._answer(ran, outputs)
+
+    def _end(self, instance: int, batch: list[Entry], start: int) -> None:
+        finished = time.monotonic_ns()
+        self.queue.completed(sum(e.request.rows for e in batch), finished)
+        self.in_flight -= len(batch)
+        self._free.append(instance)
+        self._wake.set()
+        self._after_change()
 
     def _observe(
         self, telemetry: Telemetry, ran: list[Entry], rows: int, start: int, timings: Timings

@@ -40,6 +40,10 @@ def _openmp_threads() -> int:
 
 def test_a_model_runs_on_the_torch_threads_set_at_start_up(demo_repo: Path, tmp_path) -> None:
     shutil.copytree(demo_repo / "mlp", tmp_path / "mlp")
+    # On its instance's thread: `auto` would run this fast model on the event loop, which in
+    # `salvo serve` is the main thread that --torch-threads set.
+    with (tmp_path / "mlp" / "config.yaml").open("a") as config:
+        config.write("optimization: {execution: thread}\n")
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # what `salvo serve --torch-threads 1` does before serving
     try:
@@ -51,6 +55,7 @@ def test_a_model_runs_on_the_torch_threads_set_at_start_up(demo_repo: Path, tmp_
             x.set_data_from_numpy(np.ones((16, 64), dtype=np.float32))
             assert client.infer("mlp", [x]).as_numpy("output").shape == (16, 10)
             # The thread that ran that batch (the model's one instance).
+            assert not server.scheduler("mlp").on_loop
             executor = server.scheduler("mlp")._executors[0]
             assert executor.submit(_openmp_threads).result(10) == 1
     finally:

@@ -184,6 +184,8 @@ def test_warm_up_runs_each_batch_size_and_a_broken_model_fails_its_load(tmp_path
     model = LoadedModel.load(config, tmp_path / "1")
     seen = model.module.rows_seen.tolist()
     assert [rows for rows, count in enumerate(seen) if count] == [1, 4, 8]
+    assert seen[8] == 3  # the largest twice more, timed now that it is warm
+    assert model.largest_batch_ns is not None and model.largest_batch_ns > 0
 
     save_script(tmp_path / "2", WrongRows())
     with pytest.raises(ConfigError, match=r"model\.pt: warm-up failed: model 'lin' output 'y'"):

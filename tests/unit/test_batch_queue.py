@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.batch_queue import BatchQueue, Entry
+from salvo.batch_queue import MAX_MISSES, BatchQueue, Entry
 from salvo.errors import Overloaded
 
 
@@ -194,25 +194,96 @@ def test_every_request_answered_exactly_once(ops, max_batch, max_queue, preferre
     assert sorted(fate) == list(range(len(entries)))
 
 
-def test_rows_expected_back_hold_a_batch_only_after_a_slow_forward_pass():
+def test_rows_expected_back_hold_a_batch_until_they_come():
     q = BatchQueue(8, max_queue_delay_ns=1000)
-    q.completed(rows=3, now_ns=0, compute_ns=5000)  # slow: expect 3 rows back
+    q.completed(rows=3, now_ns=0)  # expect 3 rows back
     q.append(entry(0, t=10))
     assert q.next_batch(20) is None  # 1 row queued, 2 more expected: hold
     assert q.hold_until_ns() == 1010
     q.append(entry(1, t=30))
     q.append(entry(2, t=40))  # all three are back
     assert ids(q.next_batch(50)) == [0, 1, 2]
-    q.completed(rows=3, now_ns=60, compute_ns=100)  # fast: holding would cost more
+    q.completed(rows=3, now_ns=60)  # however fast the batch ran, its rows are expected
     q.append(entry(3, t=70))
-    assert ids(q.next_batch(80)) == [3]
+    assert q.next_batch(80) is None
+
+
+def test_at_low_load_the_returning_row_waits_for_nothing():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    for i in range(5):  # one closed-loop client: its row is back before the instance asks
+        q.completed(rows=1, now_ns=100 * i)
+        q.append(entry(i, t=100 * i + 10))
+        assert ids(q.next_batch(100 * i + 10)) == [i]
 
 
 def test_a_hold_that_times_out_forgets_what_it_expected():
     q = BatchQueue(8, max_queue_delay_ns=1000)
-    q.completed(rows=4, now_ns=0, compute_ns=5000)
+    q.completed(rows=4, now_ns=0)
     q.append(entry(0, t=0))
     assert q.next_batch(500) is None
     assert ids(q.next_batch(1000)) == [0]  # the others never came
     q.append(entry(1, t=1100))
     assert ids(q.next_batch(1100)) == [1]  # nothing held any more
+
+
+def _timed_out_hold(q, i, t):
+    """Answer a batch of 2, get 1 row back, hold, time out; the time after it."""
+    q.completed(rows=2, now_ns=t)
+    q.append(entry(i, t=t))
+    assert q.next_batch(t) is None
+    assert ids(q.next_batch(t + 1000)) == [i]
+    return t + 1000
+
+
+def _held(q, i, t):
+    """Answer a batch of 2, get 1 row back: whether the queue holds it."""
+    q.completed(rows=2, now_ns=t)
+    q.append(entry(i, t=t))
+    batch = q.next_batch(t)
+    if batch is not None:
+        assert ids(batch) == [i]
+        q.expected_rows = 0  # the one row that never comes, out of the way
+        return False
+    q.append(entry(i + 1000, t=t))  # the other row comes: the hold paid off
+    assert ids(q.next_batch(t)) == [i, i + 1000]
+    return True
+
+
+def test_holds_that_keep_timing_out_are_skipped_ever_longer():
+    """Callers that never send again while they wait (a stream sending ahead, an open
+    loop) must not make every batch wait `max_queue_delay_ns`."""
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    t = _timed_out_hold(q, 0, 0)  # first miss: the next 1 batch expects nothing
+    assert not _held(q, 1, t)
+    t = _timed_out_hold(q, 2, t)  # second miss: the next 3 skip
+    assert [_held(q, 3 + i, t) for i in range(4)] == [False, False, False, True]
+
+
+def test_skipping_stops_after_a_hold_that_paid_off():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    t = 0
+    for i in range(3):  # three misses: 7 batches skip
+        t = _timed_out_hold(q, i, t)
+        for j in range(2 ** (i + 1) - 1):
+            assert not _held(q, 100 * i + j + 10, t)
+    assert _held(q, 500, t)  # the 8th holds, and its rows come
+    t = _timed_out_hold(q, 600, t)  # a miss now counts as the first again
+    assert not _held(q, 601, t)
+    assert _held(q, 700, t)
+
+
+def test_skipping_is_bounded():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    t, skips = 0, []
+    for i in range(MAX_MISSES + 2):  # every hold times out
+        skipped = 0
+        while True:
+            q.completed(rows=2, now_ns=t)
+            q.append(entry(i, t=t))
+            if q.next_batch(t) is None:
+                break
+            skipped += 1
+        assert ids(q.next_batch(t + 1000)) == [i]
+        t += 1000
+        skips.append(skipped)
+    assert skips == [0] + [2**n - 1 for n in range(1, MAX_MISSES + 1)] + [2**MAX_MISSES - 1]

@@ -1,0 +1,113 @@
+"""Where batches run (`optimization.execution`), checked on a real in-process server: the
+thread each forward pass ran on is recorded by the model itself."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from salvo import scheduler as scheduler_module
+from tests.gated import GatedLoader, write_model
+from tests.servers import InProcessServer
+
+
+def config(execution: str | None) -> str:
+    text = (
+        "max_batch_size: 8\n"
+        "inputs: [{name: x, datatype: FP32, dims: [1]}]\n"
+        "outputs: [{name: y, datatype: FP32, dims: [1]}]\n"
+        "dynamic_batching: {max_queue_delay_us: 100}\n"
+    )
+    return text + (f"optimization: {{execution: {execution}}}\n" if execution else "")
+
+
+MODELS = {"on_loop": config("loop"), "on_thread": config("thread"), "auto": config(None)}
+
+
+@pytest.fixture(scope="module")
+def loader():
+    return GatedLoader()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, loader):
+    root = tmp_path_factory.mktemp("execution-repo")
+    for name, text in MODELS.items():
+        write_model(root, name, text)
+    with InProcessServer(root, loader) as server:
+        yield server
+
+
+@pytest.fixture()
+def client(server):
+    with tc.InferenceServerClient(server.grpc_target) as c:
+        yield c
+
+
+def infer(client, model: str, value: float) -> np.ndarray:
+    x = tc.InferInput("x", [1, 1], "FP32")
+    x.set_data_from_numpy(np.full((1, 1), value, np.float32))
+    return client.infer(model, [x]).as_numpy("y")
+
+
+def test_loop_runs_batches_on_the_event_loop_thread(server, client, loader):
+    assert server.scheduler("on_loop").on_loop
+    for value in (1.0, 2.0, 3.0):
+        np.testing.assert_array_equal(infer(client, "on_loop", value), [[2 * value]])
+    assert set(loader.modules["on_loop"].threads) == {server._thread.ident}
+
+
+def test_thread_runs_batches_on_the_instance_thread(server, client, loader):
+    assert not server.scheduler("on_thread").on_loop
+    np.testing.assert_array_equal(infer(client, "on_thread", 4.0), [[8.0]])
+    (ran_on,) = set(loader.modules["on_thread"].threads)
+    assert ran_on != server._thread.ident
+    executor = server.scheduler("on_thread")._executors[0]
+    assert executor.submit(lambda: __import__("threading").get_ident()).result(10) == ran_on
+
+
+def test_auto_without_a_warm_up_timing_stays_on_its_thread(server, client, loader):
+    # The gated loader builds models without loading a file, so nothing was timed.
+    assert server.scheduler("auto").model.largest_batch_ns is None
+    assert not server.scheduler("auto").on_loop
+    infer(client, "auto", 1.0)
+    assert server._thread.ident not in loader.modules["auto"].threads
+
+
+def test_an_auto_model_whose_batches_turn_slow_moves_to_its_thread(
+    server, client, loader, monkeypatch, caplog
+):
+    scheduler = server.scheduler("auto")
+    module = loader.modules["auto"]
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
+    server.call(_put_on_loop(scheduler))
+    with caplog.at_level(logging.WARNING, logger="salvo.scheduler"):
+        before = len(module.threads)
+        for value in range(scheduler_module.LOOP_GUARD_BATCHES):
+            assert scheduler.on_loop  # one slow batch is a hiccup, not a reason to move
+            infer(client, "auto", float(value))
+        assert not scheduler.on_loop
+        infer(client, "auto", 9.0)  # the next batch runs on the model's thread
+    ran = module.threads[before:]
+    assert ran[:-1] == [server._thread.ident] * scheduler_module.LOOP_GUARD_BATCHES
+    assert ran[-1] != server._thread.ident
+    assert any("run on its own thread from now on" in r.getMessage() for r in caplog.records)
+
+
+async def _put_on_loop(scheduler) -> None:
+    scheduler.on_loop = True  # as `auto` decides for a model timed fast at warm-up
+
+
+def test_the_demo_mlp_runs_on_the_loop_and_resnet_on_its_thread(demo_repo: Path, tmp_path):
+    for name in ("mlp", "resnet"):
+        shutil.copytree(demo_repo / name, tmp_path / name)
+    with InProcessServer(tmp_path) as server:
+        mlp, resnet = server.scheduler("mlp"), server.scheduler("resnet")
+        assert mlp.model.largest_batch_ns < scheduler_module.LOOP_MAX_NS and mlp.on_loop
+        assert resnet.model.largest_batch_ns > scheduler_module.LOOP_MAX_NS
+        assert not resnet.on_loop
