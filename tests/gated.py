@@ -7,8 +7,11 @@ the network in the middle is replaced by a Python function.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,3 +86,15 @@ def write_model(root: Path, name: str, config_yaml: str) -> None:
     """A model directory for the gated loader: a config and an empty version directory."""
     (root / name / "1").mkdir(parents=True)
     (root / name / "config.yaml").write_text(config_yaml)
+
+
+@contextlib.contextmanager
+def serving(root: Path, loader: GatedLoader, models: dict[str, str]) -> Iterator[Any]:
+    """A real in-process Salvo serving `models` (name: config YAML) from a new repository
+    under `root`, every model a GatedModule from `loader`."""
+    from tests.servers import InProcessServer
+
+    for name, text in models.items():
+        write_model(root, name, text)
+    with InProcessServer(root, loader) as server:
+        yield server

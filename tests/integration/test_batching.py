@@ -15,8 +15,7 @@ import tritonclient.grpc as tc
 
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
-from tests.gated import POISON, GatedLoader, write_model
-from tests.servers import InProcessServer
+from tests.gated import POISON, GatedLoader, serving
 
 
 def config(max_batch_size=8, batching="{max_queue_delay_us: 100}", dims="[-1]"):
@@ -49,10 +48,7 @@ def loader():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, loader):
-    root = tmp_path_factory.mktemp("gated-repo")
-    for name, text in MODELS.items():
-        write_model(root, name, text)
-    with InProcessServer(root, loader) as server:
+    with serving(tmp_path_factory.mktemp("gated-repo"), loader, MODELS) as server:
         yield server
 
 

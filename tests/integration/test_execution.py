@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 
 from salvo import scheduler as scheduler_module
-from tests.gated import GatedLoader, write_model
+from tests.gated import GatedLoader, serving
 from tests.servers import InProcessServer
 
 
@@ -36,10 +36,7 @@ def loader():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, loader):
-    root = tmp_path_factory.mktemp("execution-repo")
-    for name, text in MODELS.items():
-        write_model(root, name, text)
-    with InProcessServer(root, loader) as server:
+    with serving(tmp_path_factory.mktemp("execution-repo"), loader, MODELS) as server:
         yield server
 
 
