@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import LoadedModel
+from .backend import LoadedModel, inherit_torch_threads
 from .config import ModelConfig, load_config, valid_model_name
 from .errors import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
 from .scheduler import Scheduler
@@ -130,7 +130,16 @@ class ModelManager:
                 entry.state = State.LOADING
             started = time.monotonic()
             try:
-                versions = await asyncio.to_thread(self._load_versions, name, model_dir)
+                # Loaded (and warmed up, and timed: see execution: auto) on torch's
+                # thread count of the loop's thread, which runs a model's batches or
+                # hands it on to its instance threads.
+                same_threads = inherit_torch_threads()
+
+                def load() -> dict[int, ModelVersion]:
+                    same_threads()
+                    return self._load_versions(name, model_dir)
+
+                versions = await asyncio.to_thread(load)
             except ConfigError as exc:
                 entry.reason = str(exc)
                 if not previous:

@@ -2,8 +2,8 @@
 
 It owns a BatchQueue (all policy lives there) and `instance_count` worker threads. The
 loop waits for work or for a free instance, asks the queue for the next batch and hands
-it to a free instance's thread, or, for a model whose batches take a fraction of a
-millisecond, runs it right there on the loop (`optimization.execution`, see
+it to a free instance's thread, or, for a model whose batches take at most a couple of
+milliseconds, runs it right there on the loop (`optimization.execution`, see
 `runs_on_loop`). Futures are only ever touched on the loop thread.
 """
 
@@ -304,55 +304,68 @@ class Scheduler:
         self._timer = loop.call_later(delay_s, self._wake.set)
 
     def _run_here(self, instance: int, batch: list[Entry]) -> None:
-        """Run `batch` on the event loop, now (see `runs_on_loop`)."""
-        start = self._begin(batch)
+        """Run `batch` on the event loop, now (see `runs_on_loop`). Nothing it raises
+        leaves: the dispatcher that calls it must go on."""
+        start = time.monotonic_ns()
         try:
-            ran, outputs, timings = self._run_batch(batch)
-        except Exception as exc:
+            self._record_queued(batch, start)
+            try:
+                ran, outputs, timings = self._run_batch(batch)
+            except Exception as exc:
+                self._failed(batch, exc)
+            else:
+                self._succeeded(batch, ran, outputs, timings, start)
+        except Exception as exc:  # our own bug in the bookkeeping: fail what is unanswered
             self._failed(batch, exc)
-        else:
-            self._succeeded(batch, ran, outputs, timings, start)
-            took_ns = timings.input_ns + timings.infer_ns + timings.output_ns
-            self._slow_on_loop = self._slow_on_loop + 1 if took_ns > LOOP_GUARD_NS else 0
-            auto = self.model.config.optimization.execution == "auto"
-            if auto and self._slow_on_loop >= LOOP_GUARD_BATCHES:
-                self.on_loop = False
-                log.warning(
-                    "model '%s': %d batches in a row took over %.0f ms on the event loop "
-                    "(the last: %d rows, %.1f ms); its batches run on its own thread from now on",
-                    self.model.config.name, LOOP_GUARD_BATCHES, LOOP_GUARD_NS / 1e6,
-                    sum(e.request.rows for e in ran), took_ns / 1e6,
-                )  # fmt: skip
         finally:
+            self._watch_loop(batch, time.monotonic_ns() - start)
             self._end(instance, batch, start)
+
+    def _watch_loop(self, batch: list[Entry], took_ns: int) -> None:
+        """The guard of `execution: auto`: a model whose batches hold the loop up for over
+        LOOP_GUARD_NS, LOOP_GUARD_BATCHES times in a row, failed or not, moves to its
+        thread."""
+        self._slow_on_loop = self._slow_on_loop + 1 if took_ns > LOOP_GUARD_NS else 0
+        auto = self.model.config.optimization.execution == "auto"
+        if auto and self._slow_on_loop >= LOOP_GUARD_BATCHES:
+            self.on_loop = False
+            log.warning(
+                "model '%s': %d batches in a row held the event loop for over %.0f ms "
+                "(the last: %d rows, %.1f ms); its batches run on its own thread from now on",
+                self.model.config.name, LOOP_GUARD_BATCHES, LOOP_GUARD_NS / 1e6,
+                sum(e.request.rows for e in batch), took_ns / 1e6,
+            )  # fmt: skip
 
     async def _execute(self, instance: int, batch: list[Entry]) -> None:
         """Run `batch` on `instance`'s thread."""
         loop = asyncio.get_running_loop()
-        start = self._begin(batch)
+        start = time.monotonic_ns()
         try:
-            ran, outputs, timings = await loop.run_in_executor(
-                self._executors[instance], self._run_batch, batch
-            )
-        except Exception as exc:
+            self._record_queued(batch, start)
+            try:
+                ran, outputs, timings = await loop.run_in_executor(
+                    self._executors[instance], self._run_batch, batch
+                )
+            except Exception as exc:
+                self._failed(batch, exc)
+            else:
+                self._succeeded(batch, ran, outputs, timings, start)
+        except Exception as exc:  # our own bug in the bookkeeping: fail what is unanswered
             self._failed(batch, exc)
-        else:
-            self._succeeded(batch, ran, outputs, timings, start)
         finally:
             self._end(instance, batch, start)
 
-    def _begin(self, batch: list[Entry]) -> int:
-        """Queue-time statistics for a batch about to run; its start time."""
-        start = time.monotonic_ns()
+    def _record_queued(self, batch: list[Entry], start: int) -> None:
+        """Queue-time statistics for a batch starting at `start`."""
         telemetry = self.telemetry
         name = self.model.config.name
         for entry in batch:
             self.stats.queue.add(start - entry.enqueued_ns)
             if telemetry is not None:
                 telemetry.record_queue(name, self.version, (start - entry.enqueued_ns) / 1e9)
-        return start
 
     def _failed(self, batch: list[Entry], exc: Exception) -> None:
+        """Answer every request of `batch` not answered yet with `exc`'s error."""
         if isinstance(exc, SalvoError):
             log.warning("batch of %d failed: %s", len(batch), exc.message)
             error: SalvoError = exc
@@ -408,7 +421,7 @@ class Scheduler:
             telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
     def _run_batch(self, batch: list[Entry]) -> tuple[list[Entry], _Outputs, Timings]:
-        """On an instance's worker thread: assemble, run, and return the outputs."""
+        """On an instance's worker thread, or the loop: assemble, run, return the outputs."""
         with self._claim:
             ran = [e for e in batch if not e.cancelled]
             for entry in ran:

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
 
 from salvo import scheduler as scheduler_module
-from tests.gated import GatedLoader, serving
+from tests.gated import POISON, GatedLoader, serving
 from tests.servers import InProcessServer
 
 
@@ -96,8 +97,31 @@ def test_an_auto_model_whose_batches_turn_slow_moves_to_its_thread(
     assert any("run on its own thread from now on" in r.getMessage() for r in caplog.records)
 
 
+def test_only_slow_batches_in_a_row_move_a_model_failed_ones_included(
+    server, client, loader, monkeypatch
+):
+    scheduler = server.scheduler("auto")
+    module = loader.modules["auto"]
+    server.call(_put_on_loop(scheduler))
+    slow, fast = -1, 10**12  # LOOP_GUARD_NS that makes every batch slow, or none
+    for guard_ns in (slow, slow, fast, slow, slow):  # a fast batch restarts the count
+        monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", guard_ns)
+        infer(client, "auto", 1.0)
+        assert scheduler.on_loop
+    x = tc.InferInput("x", [1, 1], "FP32")
+    x.set_data_from_numpy(np.full((1, 1), POISON, np.float32))
+    with pytest.raises(InferenceServerException) as info:  # a failed batch counts too
+        client.infer("auto", [x])
+    assert info.value.status() == "StatusCode.INTERNAL"
+    assert not scheduler.on_loop
+    before = len(module.threads)
+    np.testing.assert_array_equal(infer(client, "auto", 5.0), [[10.0]])  # and it serves on
+    assert module.threads[before] != server._thread.ident
+
+
 async def _put_on_loop(scheduler) -> None:
     scheduler.on_loop = True  # as `auto` decides for a model timed fast at warm-up
+    scheduler._slow_on_loop = 0  # and with no slow batch seen yet
 
 
 def test_the_demo_mlp_runs_on_the_loop_and_resnet_on_its_thread(demo_repo: Path, tmp_path):
@@ -108,3 +132,23 @@ def test_the_demo_mlp_runs_on_the_loop_and_resnet_on_its_thread(demo_repo: Path,
         assert mlp.model.largest_batch_ns < scheduler_module.LOOP_MAX_NS and mlp.on_loop
         assert resnet.model.largest_batch_ns > scheduler_module.LOOP_MAX_NS
         assert not resnet.on_loop
+
+
+@pytest.mark.parametrize("model", ["on_loop", "on_thread"])
+def test_a_bug_in_a_batch_bookkeeping_fails_that_batch_only(server, client, model, monkeypatch):
+    """Our own error after the forward pass (statistics, here) answers the batch INTERNAL;
+    the dispatcher and the instance carry on."""
+    stats_type = type(server.scheduler(model).stats)  # slotted: patched on its class
+    record_batch = stats_type.record_batch
+
+    def broken(*args, **kwargs):
+        monkeypatch.setattr(stats_type, "record_batch", record_batch)  # once
+        raise RuntimeError("bookkeeping bug")
+
+    monkeypatch.setattr(stats_type, "record_batch", broken)
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, model, 1.0)
+    assert info.value.status() == "StatusCode.INTERNAL"
+    np.testing.assert_array_equal(infer(client, model, 2.0), [[4.0]])
+    scheduler = server.scheduler(model)
+    assert not scheduler._task.done() and scheduler.in_flight == 0

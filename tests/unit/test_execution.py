@@ -37,7 +37,7 @@ def test_auto_runs_a_fast_cpu_model_with_one_instance_on_the_loop():
 @pytest.mark.parametrize(
     "why",
     [
-        {"largest_batch_ns": LOOP_MAX_NS},  # its largest batch takes a millisecond
+        {"largest_batch_ns": LOOP_MAX_NS},  # its largest batch takes the limit or more
         {"largest_batch_ns": None},  # never timed: no warm-up
         {"device": "cuda"},  # waits for its device
         {"instances": 2},  # instances run in parallel on their threads
