@@ -223,7 +223,10 @@ class LoadedModel:
         # time, and a pass preempted by them would read slow. The faster of two passes.
         for _ in range(2):
             start = time.thread_time_ns()
-            self.run(inputs)
+            try:
+                self.run(inputs)
+            except SalvoError as exc:
+                raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
             took = time.thread_time_ns() - start
             self.largest_batch_ns = min(took, self.largest_batch_ns or took)
 

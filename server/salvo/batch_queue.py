@@ -186,6 +186,7 @@ class BatchQueue:
         """
         head = self.head()
         if head is None:
+            self._holding = False  # what it held left (cancelled, expired): nothing paid off
             return None
         if self.max_batch_size <= 0:
             self.remove(head)

@@ -287,3 +287,20 @@ def test_skipping_is_bounded():
         t += 1000
         skips.append(skipped)
     assert skips == [0] + [2**n - 1 for n in range(1, MAX_MISSES + 1)] + [2**MAX_MISSES - 1]
+
+
+def test_a_hold_whose_rows_all_left_is_not_counted_as_paid_off():
+    q = BatchQueue(8, max_queue_delay_ns=1000)
+    t = _timed_out_hold(q, 0, 0)  # a first miss: the next batch expects nothing
+    assert not _held(q, 1, t)
+    q.completed(rows=2, now_ns=t)  # expects 2
+    held = entry(2, t=t)
+    q.append(held)
+    assert q.next_batch(t) is None  # holding for the other row
+    assert q.remove(held)  # its caller left
+    assert q.next_batch(t) is None  # nothing queued, nothing held any more
+    q.expected_rows = 0  # the row that never comes, out of the way
+    q.append(entry(3, t=t))
+    assert ids(q.next_batch(t)) == [3]  # not a hold that paid off
+    t = _timed_out_hold(q, 4, t)  # so this is the second miss in a row: 3 batches skip
+    assert [_held(q, 5 + i, t) for i in range(4)] == [False, False, False, True]
