@@ -35,6 +35,8 @@ from .validation import InferRequest
 log = logging.getLogger(__name__)
 
 _Outputs = list[np.ndarray]
+_Ran = tuple[list[Entry], _Outputs, Timings]
+"""What a batch that ran gives: the entries that ran, their outputs, the timings."""
 
 LOOP_MAX_NS = 2_000_000
 """`execution: auto` runs a model on the event loop when its largest batch took less."""
@@ -307,19 +309,13 @@ class Scheduler:
         """Run `batch` on the event loop, now (see `runs_on_loop`). Nothing it raises
         leaves: the dispatcher that calls it must go on."""
         start = time.monotonic_ns()
+        outcome: _Ran | Exception
         try:
-            self._record_queued(batch, start)
-            try:
-                ran, outputs, timings = self._run_batch(batch)
-            except Exception as exc:
-                self._failed(batch, exc)
-            else:
-                self._succeeded(batch, ran, outputs, timings, start)
-        except Exception as exc:  # our own bug in the bookkeeping: fail what is unanswered
-            self._failed(batch, exc)
-        finally:
-            self._watch_loop(batch, time.monotonic_ns() - start)
-            self._end(instance, batch, start)
+            outcome = self._run_batch(batch)
+        except Exception as exc:
+            outcome = exc
+        self._settle(instance, batch, start, outcome)
+        self._watch_loop(batch, time.monotonic_ns() - start)
 
     def _watch_loop(self, batch: list[Entry], took_ns: int) -> None:
         """The guard of `execution: auto`: a model whose batches hold the loop up for over
@@ -340,17 +336,26 @@ class Scheduler:
         """Run `batch` on `instance`'s thread."""
         loop = asyncio.get_running_loop()
         start = time.monotonic_ns()
+        outcome: _Ran | Exception | None = None  # None: this task was cancelled
+        try:
+            outcome = await loop.run_in_executor(self._executors[instance], self._run_batch, batch)
+        except Exception as exc:
+            outcome = exc
+        finally:
+            self._settle(instance, batch, start, outcome)
+
+    def _settle(
+        self, instance: int, batch: list[Entry], start: int, outcome: _Ran | Exception | None
+    ) -> None:
+        """After a batch ran (or raised): statistics, answers, and `instance` free again,
+        whatever goes wrong on the way (our own bug fails what is still unanswered)."""
         try:
             self._record_queued(batch, start)
-            try:
-                ran, outputs, timings = await loop.run_in_executor(
-                    self._executors[instance], self._run_batch, batch
-                )
-            except Exception as exc:
-                self._failed(batch, exc)
-            else:
-                self._succeeded(batch, ran, outputs, timings, start)
-        except Exception as exc:  # our own bug in the bookkeeping: fail what is unanswered
+            if isinstance(outcome, Exception):
+                self._failed(batch, outcome)
+            elif outcome is not None:
+                self._succeeded(batch, *outcome, start)
+        except Exception as exc:
             self._failed(batch, exc)
         finally:
             self._end(instance, batch, start)
@@ -420,7 +425,7 @@ class Scheduler:
         if any(p.span is not None for p in probes):
             telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
-    def _run_batch(self, batch: list[Entry]) -> tuple[list[Entry], _Outputs, Timings]:
+    def _run_batch(self, batch: list[Entry]) -> _Ran:
         """On an instance's worker thread, or the loop: assemble, run, return the outputs."""
         with self._claim:
             ran = [e for e in batch if not e.cancelled]
