@@ -358,7 +358,7 @@ class Scheduler:
         except Exception as exc:
             self._failed(batch, exc)
         finally:
-            self._end(instance, batch, start)
+            self._end(instance, batch)
 
     def _record_queued(self, batch: list[Entry], start: int) -> None:
         """Queue-time statistics for a batch starting at `start`."""
@@ -389,8 +389,8 @@ class Scheduler:
         start: int,
     ) -> None:
         for entry in batch:
-            if entry not in ran:
-                entry.waiter.cancel()  # its caller left; nobody waits for an answer
+            if not entry.started:  # not in `ran`: its caller left, nobody waits for an answer
+                entry.waiter.cancel()
         if ran:
             rows = sum(e.request.rows for e in ran)
             self.stats.record_batch(
@@ -400,7 +400,7 @@ class Scheduler:
                 self._observe(self.telemetry, ran, rows, start, timings)
             self._answer(ran, outputs)
 
-    def _end(self, instance: int, batch: list[Entry], start: int) -> None:
+    def _end(self, instance: int, batch: list[Entry]) -> None:
         finished = time.monotonic_ns()
         self.queue.completed(sum(e.request.rows for e in batch), finished)
         self.in_flight -= len(batch)
