@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench-workers: $(STAMP) perf-venv
 
 bench-hotpath: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/hotpath.py
+
+# dynamic_batching.hold_for_returns: bounded vs until_quiet on mlp; about 8 minutes.
+bench-hold: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/hold_policy.py --write
 
 # Salvo vs MLServer (own venv, .venv-mlserver) vs a bare grpc.aio server; about 20 minutes.
 bench-compare: $(STAMP) perf-venv

@@ -6,7 +6,9 @@ Needs perf_analyzer (`make perf-venv`) and MLServer (benchmarks/setup_mlserver.s
 target runs both). The same TorchScript files, `mlp` and `resnet` from the demo repository,
 are served by:
 
-- Salvo: `salvo serve` on the demo repository, as it comes;
+- Salvo: `salvo serve` on the demo repository, as it comes but for
+  `dynamic_batching.hold_for_returns`: the better of `bounded` (the default) and
+  `until_quiet`, each tried first at concurrency 16 on each model, as MLServer's are;
 - MLServer: the custom runtime and settings in benchmarks/mlserver, adaptive batching on, in
   the best of a few configurations, each tried first at concurrency 16 on each model;
 - for `mlp`, benchmarks/bare_server.py: a precomputed answer, the most Python gRPC allows,
@@ -205,6 +207,37 @@ def tune(root: Path, repo: Path, model: str, window_ms: int) -> dict[str, dict]:
     return tried
 
 
+SALVO_POLICIES = ("bounded", "until_quiet")
+"""Salvo's candidates: `dynamic_batching.hold_for_returns` for every batched model."""
+
+
+def salvo_repo(root: Path, repo: Path, policy: str) -> Path:
+    """The demo repository with every batched model holding for returns by `policy`."""
+    out = root / f"salvo-{policy}"
+    if not out.exists():
+        shutil.copytree(repo, out)
+        for config in out.glob("*/config.yaml"):
+            text = config.read_text()
+            if "dynamic_batching:\n" in text:
+                config.write_text(
+                    text.replace(
+                        "dynamic_batching:\n", f"dynamic_batching:\n  hold_for_returns: {policy}\n"
+                    )
+                )
+    return out
+
+
+def tune_salvo(root: Path, repo: Path, model: str, window_ms: int) -> dict[str, dict]:
+    """Each Salvo candidate at concurrency HEADLINE on `model`."""
+    tried = {}
+    for policy in SALVO_POLICIES:
+        with ServerProcess(salvo_repo(root, repo, policy)) as server:
+            m = point(server.grpc_target, model, HEADLINE, window_ms, streaming=False)
+        show(f"tune {model} Salvo {policy}", HEADLINE, m)
+        tried[policy] = m
+    return tried
+
+
 def best(tried: dict[str, dict]) -> MLServerSetup:
     label = max(tried, key=lambda k: tried[k].get("throughput", 0.0))
     return next(s for s in CANDIDATES if s.label == label)
@@ -273,27 +306,31 @@ def run(args) -> dict:
         raw: dict[int, float] = {}
         if "resnet" in args.models:
             raw_resnet(repo / "resnet/1/model.pt", raw)
-        with ServerProcess(repo) as salvo:
-            for model in args.models:
-                tried = tune(root, repo, model, args.window_ms)
-                chosen = best(tried)
-                with ExitStack() as stack:
-                    peer = stack.enter_context(mlserver(root, repo, model, chosen))
-                    contestants = [("Salvo", salvo.grpc_target, False)]
-                    contestants.append(("MLServer", peer.grpc_target, False))
-                    if model == "mlp":
-                        bare = stack.enter_context(bare_server(repo))
-                        contestants += [
-                            ("bare", bare.grpc_target, False),
-                            ("Salvo streaming", salvo.grpc_target, True),
-                            ("bare streaming", bare.grpc_target, True),
-                        ]
-                    rows = sweep(contestants, model, args)
-                results["models"][model] = {
-                    "tuning": tried,
-                    "mlserver": asdict(chosen),
-                    "rows": rows,
-                }
+        for model in args.models:
+            tried = tune(root, repo, model, args.window_ms)
+            chosen = best(tried)
+            salvo_tried = tune_salvo(root, repo, model, args.window_ms)
+            policy = max(salvo_tried, key=lambda k: salvo_tried[k].get("throughput", 0.0))
+            with ExitStack() as stack:
+                salvo = stack.enter_context(ServerProcess(salvo_repo(root, repo, policy)))
+                peer = stack.enter_context(mlserver(root, repo, model, chosen))
+                contestants = [("Salvo", salvo.grpc_target, False)]
+                contestants.append(("MLServer", peer.grpc_target, False))
+                if model == "mlp":
+                    bare = stack.enter_context(bare_server(repo))
+                    contestants += [
+                        ("bare", bare.grpc_target, False),
+                        ("Salvo streaming", salvo.grpc_target, True),
+                        ("bare streaming", bare.grpc_target, True),
+                    ]
+                rows = sweep(contestants, model, args)
+            results["models"][model] = {
+                "tuning": tried,
+                "mlserver": asdict(chosen),
+                "salvo_tuning": salvo_tried,
+                "salvo_policy": policy,
+                "rows": rows,
+            }
         if "resnet" in args.models:
             raw_resnet(repo / "resnet/1/model.pt", raw)  # again: the better of start and end
             results["resnet_raw"] = raw
@@ -429,7 +466,9 @@ def report(results: dict) -> str:
     lines = [
         f"Command: `make bench-compare` (`python benchmarks/compare.py`), {results['date']}.",
         f"Machine: {results['machine']}; load average (1, 5, 15 min) {load} (shared machine).",
-        f"Salvo measured at commit {results['commit']}, with the demo repository's configs.",
+        f"Salvo measured at commit {results['commit']}, with the demo repository's configs"
+        " and the better `dynamic_batching.hold_for_returns` at concurrency "
+        f"{HEADLINE} (below; the default is `bounded`).",
         "Driver: perf_analyzer 2.51, `-b 1 --input-data zero -p "
         f"{results['window_ms']} -s 50 --max-trials 6` (`--async`, or `--streaming`), retried "
         "with `-s 100 --max-trials 8` when no three windows agreed; on the same machine as the "
@@ -453,6 +492,15 @@ def report(results: dict) -> str:
         lines += ["| configuration | infer/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
         lines += [f"| {label} | {cells(m)} |" for label, m in data["tuning"].items()]
         lines += ["", f"Chosen: {data['mlserver']['label']}.", ""]
+        if "salvo_tuning" in data:
+            lines += [
+                f"Salvo's `hold_for_returns` tried at concurrency {HEADLINE}:",
+                "",
+                "| hold_for_returns | infer/s | p50 ms | p99 ms |",
+                "| --- | --- | --- | --- |",
+            ]
+            lines += [f"| {label} | {cells(m)} |" for label, m in data["salvo_tuning"].items()]
+            lines += ["", f"Chosen: {data['salvo_policy']}.", ""]
         rows = data["rows"]
         if model == "mlp":
             lines += table(

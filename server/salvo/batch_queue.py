@@ -20,6 +20,14 @@ Policy (Triton's vocabulary):
   stream sending ahead), and the next holds are skipped: after the n-th timeout in a row,
   the next 2^n - 1 answered batches expect nothing (at most 1,023). A hold that ends
   because the rows came resets that count.
+- `until_quiet` (opt-in, for callers in a closed loop): a hold lasts while rows keep
+  arriving, until none has arrived for `max_queue_delay_ns` (a quiet end) or
+  QUIET_CAP times that has passed since the batch could have gone. A quiet end keeps
+  what is expected (the rows may still be on their way); QUIET_ENDS of them in a row, or
+  the cap, count as a timeout. And the count probes upward: each answered batch expects
+  one row more than it answered until that row fails to come (then the probes back off
+  like the holds), because arrivals that are not returns (callers joining, answers
+  overtaken by queued requests) leave it short of the loop's true size for good.
 - With preferred sizes, the largest preferred size that the queue can fill goes at once;
   a smaller batch waits until `max_queue_delay_ns` has passed.
 """
@@ -35,6 +43,13 @@ from .errors import Overloaded
 
 MAX_MISSES = 10
 """Timed-out holds in a row that count: after that, 1,023 batches skip expectations."""
+
+QUIET_CAP = 10
+"""`until_quiet`: a hold ends after this many times `max_queue_delay_ns`, rows arriving
+or not."""
+
+QUIET_ENDS = 3
+"""`until_quiet`: quiet ends in a row that count as a timeout (the callers left)."""
 
 
 class Batchable(Protocol):
@@ -78,6 +93,7 @@ class BatchQueue:
         max_queue_delay_ns: int = 0,
         priority_levels: int = 0,
         default_priority_level: int = 0,
+        until_quiet: bool = False,
     ) -> None:
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
@@ -98,6 +114,15 @@ class BatchQueue:
         """Holds for returning rows that timed out in a row."""
         self._skip = 0
         """Answered batches still to complete before rows are expected back again."""
+        self.until_quiet = until_quiet
+        self._last_arrival_ns = 0
+        self._quiet_ends = 0
+        """`until_quiet`: holds in a row that ended because no row came for a while."""
+        self._probe = 0
+        """`until_quiet`: rows of `expected_rows` that only probe (0 or 1)."""
+        self._probe_misses = 0
+        self._probe_skip = 0
+        """Answered batches still to complete before the next probe."""
 
     def __len__(self) -> int:
         return self._size
@@ -124,6 +149,10 @@ class BatchQueue:
         self._size += 1
         self._rows += entry.request.rows
         self.expected_rows = max(self.expected_rows - entry.request.rows, 0)
+        self._last_arrival_ns = max(self._last_arrival_ns, entry.enqueued_ns)
+        if self._probe and not self.expected_rows:
+            self._probe = 0  # the probed row came: the count was short
+            self._probe_misses = 0
 
     def completed(self, rows: int, now_ns: int) -> None:
         """A batch of `rows` was answered: expect that many rows back, unless recent holds
@@ -132,6 +161,12 @@ class BatchQueue:
             self._skip -= 1
         else:
             self.expected_rows += rows
+            if self.until_quiet and not self._probe:
+                if self._probe_skip:
+                    self._probe_skip -= 1
+                else:
+                    self._probe = 1
+                    self.expected_rows += 1
         self._free_since_ns = now_ns
 
     def remove(self, entry: Entry) -> bool:
@@ -176,8 +211,17 @@ class BatchQueue:
     def _hold_deadline(self, head: Entry) -> int:
         # Preferred sizes wait from the head's arrival (Triton's rule); expected returns
         # wait from the moment the batch could have gone.
-        since = head.enqueued_ns if self.preferred else max(head.enqueued_ns, self._free_since_ns)
-        return since + self.max_queue_delay_ns
+        if self.preferred:
+            return head.enqueued_ns + self.max_queue_delay_ns
+        since = max(head.enqueued_ns, self._free_since_ns)
+        if not self.until_quiet:
+            return since + self.max_queue_delay_ns
+        quiet_ns = max(since, self._last_arrival_ns) + self.max_queue_delay_ns
+        return min(quiet_ns, self._cap_ns(head))
+
+    def _cap_ns(self, head: Entry) -> int:
+        since = max(head.enqueued_ns, self._free_since_ns)
+        return since + QUIET_CAP * self.max_queue_delay_ns
 
     def next_batch(self, now_ns: int) -> list[Entry] | None:
         """The entries to run on a free instance now, removed from the queue.
@@ -213,16 +257,36 @@ class BatchQueue:
             if now_ns < hold_until:
                 self._holding = True
                 return None
-            # They did not come: stop expecting them, and skip the next holds.
-            self.expected_rows = 0
-            self._misses = min(self._misses + 1, MAX_MISSES)
-            self._skip = (1 << self._misses) - 1
+            if not self._quiet_end(head, now_ns):
+                # They did not come: stop expecting them, and skip the next holds.
+                self.expected_rows = 0
+                self._misses = min(self._misses + 1, MAX_MISSES)
+                self._skip = (1 << self._misses) - 1
+                self._probe = self._probe_misses = self._probe_skip = self._quiet_ends = 0
         elif self._holding:
             self._misses = 0  # the rows it held for came
+            self._quiet_ends = 0
         self._holding = False
         for entry in chosen:
             self.remove(entry)
         return chosen
+
+    def _quiet_end(self, head: Entry, now_ns: int) -> bool:
+        """`until_quiet`: whether a hold that ends now goes without forgetting what it
+        expected: only the probed row is missing (the probes back off), or no row came
+        for a while, short of the cap and of QUIET_ENDS in a row."""
+        if not self.until_quiet:
+            return False
+        if self._probe and self.expected_rows <= self._probe:
+            self.expected_rows -= self._probe
+            self._probe = 0
+            self._probe_misses = min(self._probe_misses + 1, MAX_MISSES)
+            self._probe_skip = (1 << self._probe_misses) - 1
+            return True
+        if now_ns >= self._cap_ns(head) or self._quiet_ends + 1 >= QUIET_ENDS:
+            return False
+        self._quiet_ends += 1
+        return True
 
 
 def _trim(entries: list[Entry], target_rows: int) -> list[Entry]:

@@ -104,6 +104,7 @@ class Scheduler:
             max_queue_delay_ns=batching.max_queue_delay_us * 1000 if batching else 0,
             priority_levels=batching.priority_levels if batching else 0,
             default_priority_level=batching.default_priority_level if batching else 0,
+            until_quiet=batching is not None and batching.hold_for_returns == "until_quiet",
         )
         self.in_flight = 0
         """Requests inside batches that are running now."""

@@ -7,6 +7,7 @@ Python, so the test can hold a forward pass and see exactly what queued behind i
 from __future__ import annotations
 
 import queue
+from unittest.mock import ANY
 
 import grpc
 import numpy as np
@@ -37,6 +38,11 @@ MODELS = {
     "patient": config(batching="{max_queue_delay_us: 60000000}"),
     "priority": config(
         max_batch_size=1, batching="{priority_levels: 2, default_priority_level: 2}"
+    ),
+    # Holds that end only when their rows come (a minute of quiet or the cap).
+    "hold_bounded": config(batching="{max_queue_delay_us: 60000000}"),
+    "hold_until_quiet": config(
+        batching="{max_queue_delay_us: 60000000, hold_for_returns: until_quiet}"
     ),
 }
 
@@ -255,3 +261,38 @@ def test_higher_priority_runs_first(server, client, loader):
     answers = sender.collect(4)
     assert all(err is None for _, err in answers.values())
     assert model.batches == [[0.0], [2.0], [1.0], [3.0]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "batches"),
+    [
+        # Holds for the one row it answered; then for the two it answered next.
+        ("bounded", [[0.0], [1.0, 2.0], [3.0, 4.0, 5.0]]),
+        # And one row more, a probe: it finds row 3, the caller the count missed.
+        ("until_quiet", [[0.0], [1.0, 2.0, 3.0]]),
+    ],
+)
+def test_a_free_instance_holds_for_the_rows_it_expects_back(server, client, loader, mode, batches):
+    name = f"hold_{mode}"
+    model = loader.modules[name]
+    model.hold()
+    sender = Sender(client, name)
+    sender.send(0)  # an idle server runs it at once, expecting nothing
+    model.wait_batches(1)
+    sender.send(1)  # arrives while nothing is expected back
+    server.wait_queued(name, 1)
+    model.release(1)
+    assert sender.collect(1) == {0.0: (ANY, None)}
+    # Row 0 is answered, so its caller is expected back: row 1 waits for it.
+    sender.send_in_order(server, [(2, {})], already_queued=1)
+    sender.send(3)
+    model.wait_batches(2)
+    model.release(1)
+    answers = sender.collect(len(batches[1]))
+    if mode == "bounded":  # row 3 is held for the two callers just answered
+        sender.send_in_order(server, [(4, {}), (5, {})], already_queued=1)
+        model.wait_batches(3)
+        model.release(1)
+        answers |= sender.collect(3)
+    assert all(err is None for _, err in answers.values()), answers
+    assert model.batches == batches

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.batch_queue import MAX_MISSES, BatchQueue, Entry
+from salvo.batch_queue import MAX_MISSES, QUIET_CAP, QUIET_ENDS, BatchQueue, Entry
 from salvo.errors import Overloaded
 
 
@@ -119,14 +119,18 @@ ops = st.lists(st.one_of(append, cancel, tick, dispatch), max_size=80)
     preferred=st.lists(st.integers(1, 8), max_size=3),
     delay=st.integers(0, 20),
     levels=st.integers(0, 3),
+    until_quiet=st.booleans(),
 )
-def test_every_request_answered_exactly_once(ops, max_batch, max_queue, preferred, delay, levels):
+def test_every_request_answered_exactly_once(
+    ops, max_batch, max_queue, preferred, delay, levels, until_quiet
+):
     q = BatchQueue(
         max_batch,
         max_queue_size=max_queue,
         preferred_batch_sizes=tuple(preferred),
         max_queue_delay_ns=delay,
         priority_levels=levels,
+        until_quiet=until_quiet,
     )
     now = 0
     entries: list[Entry] = []
@@ -182,6 +186,7 @@ def test_every_request_answered_exactly_once(ops, max_batch, max_queue, preferre
             batch = q.next_batch(now)
             if batch is not None:
                 run(batch)
+                q.completed(sum(e.request.rows for e in batch), now)  # rows expected back
         assert q.rows == sum(e.request.rows for e in q)
         assert len(q) == len(list(q))
 
@@ -304,3 +309,83 @@ def test_a_hold_whose_rows_all_left_is_not_counted_as_paid_off():
     assert ids(q.next_batch(t)) == [3]  # not a hold that paid off
     t = _timed_out_hold(q, 4, t)  # so this is the second miss in a row: 3 batches skip
     assert [_held(q, 5 + i, t) for i in range(4)] == [False, False, False, True]
+
+
+def test_until_quiet_holds_while_rows_keep_coming_then_goes_when_they_stop():
+    q = BatchQueue(32, max_queue_delay_ns=100, until_quiet=True)
+    q.completed(rows=8, now_ns=0)  # 8 rows expected back, and one more: the probe
+    assert q.expected_rows == 9
+    for i in range(8):  # they come 80 ns apart: 640 ns in all, far past the 100 ns delay
+        t = 80 * (i + 1)
+        q.append(entry(i, t=t))
+        assert q.next_batch(t) is None
+        assert q.hold_until_ns() == t + 100  # quiet for the delay: go
+    assert q.expected_rows == 1  # only the probe is missing
+    assert ids(q.next_batch(740)) == list(range(8))  # it never came: go, nothing forgotten
+    q.completed(rows=8, now_ns=750)  # the probe backs off: this batch expects just its rows
+    assert q.expected_rows == 8
+
+
+def test_until_quiet_caps_a_hold_and_counts_the_cap_as_a_timeout():
+    q = BatchQueue(64, max_queue_delay_ns=100, until_quiet=True)
+    q.completed(rows=50, now_ns=0)
+    t = 0
+    for i in range(12):  # rows keep coming, but fewer than expected
+        t += 90
+        q.append(entry(i, t=t))
+        if t < QUIET_CAP * 100 + 90:  # the hold counts from the first row (90)
+            assert q.next_batch(t) is None
+    assert ids(q.next_batch(QUIET_CAP * 100 + 90)) == list(range(12))
+    assert q.expected_rows == 0  # a timeout: forgotten, and the next batch expects nothing
+    q.completed(rows=12, now_ns=t + 10)
+    assert q.expected_rows == 0
+
+
+def test_until_quiet_keeps_the_count_over_quiet_ends_but_not_too_many_in_a_row():
+    q = BatchQueue(8, max_queue_delay_ns=100, until_quiet=True)
+    q.completed(rows=4, now_ns=0)  # 4 expected, plus the probe
+    t = 0
+    for i in range(QUIET_ENDS):
+        q.append(entry(i, t=t + 10))  # one row comes, then none for the delay
+        assert q.next_batch(t + 10) is None
+        assert ids(q.next_batch(t + 110)) == [i]
+        if i < QUIET_ENDS - 1:
+            assert q.expected_rows == 4  # kept: the others may still be on their way
+            q.completed(rows=1, now_ns=t + 120)  # the probe is still out: no other
+            assert q.expected_rows == 5
+        t += 200
+    assert q.expected_rows == 0  # QUIET_ENDS in a row: the callers left
+
+
+def test_until_quiet_probes_find_the_callers_the_count_missed():
+    """Three callers in a closed loop, but the count starts at one (two joined while it
+    expected nothing). Each probe that pays off adds a row, until the count is right."""
+    q = BatchQueue(8, max_queue_delay_ns=100, until_quiet=True)
+    q.completed(rows=1, now_ns=0)  # expects 1, and probes for one more
+    q.append(entry(0, t=10))
+    assert q.next_batch(10) is None  # holding for the probe
+    q.append(entry(1, t=20))  # a second caller: the probe paid off
+    assert ids(q.next_batch(20)) == [0, 1]
+    q.append(entry(2, t=30))  # the third arrives while the batch runs
+    q.completed(rows=2, now_ns=40)  # expects 2 + a probe; the third is already here
+    q.append(entry(3, t=50))
+    q.append(entry(4, t=60))
+    assert q.next_batch(60) is None  # 3 rows; the probe is still out
+    assert ids(q.next_batch(160)) == [2, 3, 4]  # it did not come: all three callers are in
+    q.completed(rows=3, now_ns=170)  # the count is right now, and the probe backs off
+    for i, t in enumerate((180, 190)):
+        q.append(entry(5 + i, t=t))
+        assert q.next_batch(t) is None  # holding for the third
+    q.append(entry(7, t=200))
+    assert ids(q.next_batch(200)) == [5, 6, 7]  # one batch of all three, with no wait
+
+
+def test_bounded_holds_are_unchanged_by_rows_that_keep_coming():
+    q = BatchQueue(32, max_queue_delay_ns=100)
+    q.completed(rows=8, now_ns=0)
+    assert q.expected_rows == 8  # no probe
+    q.append(entry(0, t=80))
+    assert q.next_batch(80) is None
+    assert q.hold_until_ns() == 180  # from when the batch could have gone (the row came)
+    q.append(entry(1, t=160))
+    assert ids(q.next_batch(180)) == [0, 1]

@@ -48,6 +48,11 @@ def test_json_config_parses(tmp_path):
             "0",
         ),
         (
+            GOOD + "dynamic_batching: {hold_for_returns: forever}\n",
+            "dynamic_batching.hold_for_returns",
+            "until_quiet",
+        ),
+        (
             GOOD.replace("inputs: [{name: x, datatype: FP32, dims: [4]}]", "inputs: []"),
             "inputs",
             None,
