@@ -218,6 +218,8 @@ def salvo_repo(root: Path, repo: Path, policy: str) -> Path:
         shutil.copytree(repo, out)
         for config in out.glob("*/config.yaml"):
             text = config.read_text()
+            if "dynamic_batching" in text and "dynamic_batching:\n" not in text:
+                raise SystemExit(f"{config}: expected a block-style dynamic_batching")
             if "dynamic_batching:\n" in text:
                 config.write_text(
                     text.replace(
@@ -467,8 +469,12 @@ def report(results: dict) -> str:
         f"Command: `make bench-compare` (`python benchmarks/compare.py`), {results['date']}.",
         f"Machine: {results['machine']}; load average (1, 5, 15 min) {load} (shared machine).",
         f"Salvo measured at commit {results['commit']}, with the demo repository's configs"
-        " and the better `dynamic_batching.hold_for_returns` at concurrency "
-        f"{HEADLINE} (below; the default is `bounded`).",
+        + (
+            " and the better `dynamic_batching.hold_for_returns` at concurrency "
+            f"{HEADLINE} (below; the default is `bounded`)."
+            if any("salvo_tuning" in data for data in results["models"].values())
+            else "."
+        ),
         "Driver: perf_analyzer 2.51, `-b 1 --input-data zero -p "
         f"{results['window_ms']} -s 50 --max-trials 6` (`--async`, or `--streaming`), retried "
         "with `-s 100 --max-trials 8` when no three windows agreed; on the same machine as the "

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     batch_counts,
     machine,
     perf_analyzer,
+    stable_perf_analyzer,
     today,
     write_section,
 )
@@ -61,10 +62,9 @@ def policy_repos(root: Path) -> dict[str, Path]:
 
 
 def closed_loop(target: str, concurrency: int) -> dict[str, float]:
-    load = {"extra": ("-s", "50")}
-    perf_analyzer(target, MODEL, concurrency, window_ms=1000, **load)
+    perf_analyzer(target, MODEL, concurrency, window_ms=1000, extra=("-s", "50"))  # warm-up
     before = batch_counts(target, MODEL)
-    row = perf_analyzer(target, MODEL, concurrency, **load)
+    row = stable_perf_analyzer(target, MODEL, concurrency)
     return {
         "throughput": float(row["Inferences/Second"]),
         "p50_ms": int(row["p50 latency"]) / 1e3,
@@ -82,6 +82,8 @@ def open_loop(target: str, rate: int, seed: int) -> dict[str, float]:
     ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
     doc = json.loads(result.stdout)
+    if doc["latency_ms"] is None:
+        raise SystemExit(f"salvo bench --rate {rate}: no request succeeded: {doc['errors']}")
     return {
         "throughput": doc["throughput_infer_per_s"],
         "p50_ms": doc["latency_ms"]["p50"],
@@ -138,12 +140,13 @@ def report(runs: dict, loads: list[tuple[str, int]], args: argparse.Namespace) -
         f"Command: `python benchmarks/hold_policy.py --concurrency {args.concurrency} "
         f"--rates {args.rates} --rounds {args.rounds}`, {today()}.",
         f"Machine: {machine()}.",
-        "Server: `salvo serve --torch-threads 1`, the demo `mlp` alone (max_queue_delay_us "
-        "500), once with each `dynamic_batching.hold_for_returns`; a fresh server per round "
-        "and policy, the order reversed every other round. Closed loop: perf_analyzer "
+        "Server: `salvo serve --torch-threads 1`, the demo `mlp` alone (its config as "
+        "committed), once with each `dynamic_batching.hold_for_returns`; a fresh server per "
+        "round and policy, the order reversed every other round. Closed loop: perf_analyzer "
         "--async -b 1 at each concurrency (1 s warm-up window, then one measured run). Open "
-        "loop: `salvo bench --rate R` (Poisson, 6 s after 1 s warm-up), whose Python client "
-        "shares the 2 cores. Medians over rounds.",
+        "loop: `salvo bench --rate R` (Poisson, 6 s after 1 s warm-up; its avg batch includes "
+        "the warm-up), whose Python client shares the machine's cores with the server. "
+        "Medians over rounds.",
         "",
         "| load | bounded infer/s | until_quiet infer/s | ratio | bounded p50 ms | "
         "until_quiet p50 ms | bounded p99 ms | until_quiet p99 ms | avg batch bounded / "

@@ -23,11 +23,14 @@ Policy (Triton's vocabulary):
 - `until_quiet` (opt-in, for callers in a closed loop): a hold lasts while rows keep
   arriving, until none has arrived for `max_queue_delay_ns` (a quiet end) or
   QUIET_CAP times that has passed since the batch could have gone. A quiet end keeps
-  what is expected (the rows may still be on their way); QUIET_ENDS of them in a row, or
-  the cap, count as a timeout. And the count probes upward: each answered batch expects
-  one row more than it answered until that row fails to come (then the probes back off
-  like the holds), because arrivals that are not returns (callers joining, answers
-  overtaken by queued requests) leave it short of the loop's true size for good.
+  what is expected (the rows may still be on their way); QUIET_ENDS of them in a row
+  (with no batch between them whose expected rows all came), or the cap, count as a
+  timeout. And the count probes upward: each answered batch expects one row more than it
+  answered until that row fails to come (a hold that ends with only that row missing, at
+  the cap or not, is a failed probe: the probes back off like the holds), because
+  arrivals that are not returns (callers joining, answers overtaken by queued requests)
+  leave it short of the loop's true size for good. With preferred sizes it does nothing:
+  those batches never hold for returns.
 - With preferred sizes, the largest preferred size that the queue can fill goes at once;
   a smaller batch waits until `max_queue_delay_ns` has passed.
 """
@@ -180,6 +183,8 @@ class BatchQueue:
             return False
         self._size -= 1
         self._rows -= entry.request.rows
+        if not self._size:
+            self._holding = False  # what it held left (cancelled, expired): nothing paid off
         return True
 
     def expire(self, now_ns: int) -> list[Entry]:
@@ -230,7 +235,6 @@ class BatchQueue:
         """
         head = self.head()
         if head is None:
-            self._holding = False  # what it held left (cancelled, expired): nothing paid off
             return None
         if self.max_batch_size <= 0:
             self.remove(head)
@@ -265,7 +269,8 @@ class BatchQueue:
                 self._probe = self._probe_misses = self._probe_skip = self._quiet_ends = 0
         elif self._holding:
             self._misses = 0  # the rows it held for came
-            self._quiet_ends = 0
+        if not self.expected_rows:
+            self._quiet_ends = 0  # the rows expected came, held for or not
         self._holding = False
         for entry in chosen:
             self.remove(entry)
@@ -282,6 +287,7 @@ class BatchQueue:
             self._probe = 0
             self._probe_misses = min(self._probe_misses + 1, MAX_MISSES)
             self._probe_skip = (1 << self._probe_misses) - 1
+            self._quiet_ends = 0  # every row really expected came
             return True
         if now_ns >= self._cap_ns(head) or self._quiet_ends + 1 >= QUIET_ENDS:
             return False

@@ -82,10 +82,12 @@ class DynamicBatchingConfig(_Strict):
     workers, each waiting for its answer before it sends again): the hold lasts while
     rows keep arriving, until none has arrived for max_queue_delay_us, and at most 10
     times that; and each answered batch expects one row more until that row fails to
-    come, so the count finds every caller. On this machine it gave `mlp` 1.09 and 1.13
-    times the throughput at 16 and 64 callers, with a lower p99, but 0.85 times at 4, and
-    it added 0.6 to 1.2 ms to the median at 500 and 1,000 independent requests a second
-    (benchmarks/RESULTS.md, "Holding for returns"): hence not the default."""
+    come, so the count finds every caller. No effect with preferred_batch_sizes (those
+    batches never hold for returns). Measured in benchmarks/RESULTS.md ("Holding for
+    returns"): on `mlp` here it filled batches of 12 to 15 rows where `bounded` ran 2, for
+    0.98 to 1.09 times the throughput at 16 callers and 1.11 to 1.13 at 64, but 0.85 at 4;
+    and it added 0.6 to 1.2 ms to the median at 500 and 1,000 independent requests a
+    second. Hence not the default."""
 
 
 class ResponseCacheConfig(_Strict):

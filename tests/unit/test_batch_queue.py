@@ -187,6 +187,9 @@ def test_every_request_answered_exactly_once(
             if batch is not None:
                 run(batch)
                 q.completed(sum(e.request.rows for e in batch), now)  # rows expected back
+            elif len(q):  # held: the dispatcher's timer must be due later, or it never wakes
+                until = q.hold_until_ns()
+                assert until is not None and until > now
         assert q.rows == sum(e.request.rows for e in q)
         assert len(q) == len(list(q))
 
@@ -302,8 +305,7 @@ def test_a_hold_whose_rows_all_left_is_not_counted_as_paid_off():
     held = entry(2, t=t)
     q.append(held)
     assert q.next_batch(t) is None  # holding for the other row
-    assert q.remove(held)  # its caller left
-    assert q.next_batch(t) is None  # nothing queued, nothing held any more
+    assert q.remove(held)  # its caller left (the dispatcher never asks an empty queue)
     q.expected_rows = 0  # the row that never comes, out of the way
     q.append(entry(3, t=t))
     assert ids(q.next_batch(t)) == [3]  # not a hold that paid off
@@ -359,7 +361,8 @@ def test_until_quiet_keeps_the_count_over_quiet_ends_but_not_too_many_in_a_row()
 
 def test_until_quiet_probes_find_the_callers_the_count_missed():
     """Three callers in a closed loop, but the count starts at one (two joined while it
-    expected nothing). Each probe that pays off adds a row, until the count is right."""
+    expected nothing). The first probe pays off and adds a caller to the next batch; the
+    next finds no more, and the count of the batch after is right."""
     q = BatchQueue(8, max_queue_delay_ns=100, until_quiet=True)
     q.completed(rows=1, now_ns=0)  # expects 1, and probes for one more
     q.append(entry(0, t=10))
@@ -389,3 +392,23 @@ def test_bounded_holds_are_unchanged_by_rows_that_keep_coming():
     assert q.hold_until_ns() == 180  # from when the batch could have gone (the row came)
     q.append(entry(1, t=160))
     assert ids(q.next_batch(180)) == [0, 1]
+
+
+def test_until_quiet_ends_are_counted_in_a_row_only():
+    q = BatchQueue(8, max_queue_delay_ns=100, until_quiet=True)
+    t, n = 0, 0
+    for _ in range(2 * QUIET_ENDS):  # quiet ends, each followed by a batch whose rows came
+        q.completed(rows=2, now_ns=t)
+        q.append(entry(n, t=t + 10))
+        n += 1
+        assert q.next_batch(t + 10) is None
+        assert len(q.next_batch(t + 110)) == 1  # a quiet end
+        assert q.expected_rows >= 1  # kept every time: never QUIET_ENDS in a row
+        q.completed(rows=1, now_ns=t + 120)
+        came = []
+        while q.expected_rows:  # then every row expected comes
+            q.append(entry(n, t=t + 130))
+            came.append(n)
+            n += 1
+        assert ids(q.next_batch(t + 130)) == came
+        t += 1000
