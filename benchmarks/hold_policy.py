@@ -64,7 +64,7 @@ def policy_repos(root: Path) -> dict[str, Path]:
 def closed_loop(target: str, concurrency: int) -> dict[str, float]:
     perf_analyzer(target, MODEL, concurrency, window_ms=1000, extra=("-s", "50"))  # warm-up
     before = batch_counts(target, MODEL)
-    row = stable_perf_analyzer(target, MODEL, concurrency)
+    row = stable_perf_analyzer(target, MODEL, concurrency, extra=("-s", "50"))
     return {
         "throughput": float(row["Inferences/Second"]),
         "p50_ms": int(row["p50 latency"]) / 1e3,
