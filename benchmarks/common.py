@@ -155,6 +155,20 @@ def write_section(title: str, body: str) -> None:
     RESULTS.write_text(text.rstrip() + "\n")
 
 
+def set_hold_for_returns(config: Path, policy: str) -> bool:
+    """Set `dynamic_batching.hold_for_returns` in a model's config.yaml to `policy`; False
+    (and the file untouched) if the model has no dynamic_batching block."""
+    import yaml
+
+    doc = yaml.safe_load(config.read_text())
+    batching = doc.get("dynamic_batching")
+    if batching is None:
+        return False
+    batching["hold_for_returns"] = policy
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return True
+
+
 def today() -> str:
     return date.today().isoformat()
 
@@ -164,6 +178,7 @@ __all__ = [
     "machine",
     "measure",
     "raw_throughput",
+    "set_hold_for_returns",
     "stable_perf_analyzer",
     "write_section",
     "today",

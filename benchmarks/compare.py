@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     machine,
     perf_analyzer,
     raw_throughput,
+    set_hold_for_returns,
     today,
     write_section,
 )
@@ -217,15 +218,7 @@ def salvo_repo(root: Path, repo: Path, policy: str) -> Path:
     if not out.exists():
         shutil.copytree(repo, out)
         for config in out.glob("*/config.yaml"):
-            text = config.read_text()
-            if "dynamic_batching" in text and "dynamic_batching:\n" not in text:
-                raise SystemExit(f"{config}: expected a block-style dynamic_batching")
-            if "dynamic_batching:\n" in text:
-                config.write_text(
-                    text.replace(
-                        "dynamic_batching:\n", f"dynamic_batching:\n  hold_for_returns: {policy}\n"
-                    )
-                )
+            set_hold_for_returns(config, policy)
     return out
 
 

@@ -30,6 +30,7 @@ from common import (  # noqa: E402
     batch_counts,
     machine,
     perf_analyzer,
+    set_hold_for_returns,
     stable_perf_analyzer,
     today,
     write_section,
@@ -51,12 +52,8 @@ def policy_repos(root: Path) -> dict[str, Path]:
         repo.mkdir()
         shutil.copytree(demo / MODEL, repo / MODEL)
         config = repo / MODEL / "config.yaml"
-        text = config.read_text()
-        if "hold_for_returns" in text or "dynamic_batching:" not in text:
-            raise SystemExit(f"{config}: expected a dynamic_batching block without the policy")
-        config.write_text(
-            text.replace("dynamic_batching:", f"dynamic_batching:\n  hold_for_returns: {policy}", 1)
-        )
+        if not set_hold_for_returns(config, policy):
+            raise SystemExit(f"{config}: the demo {MODEL} has no dynamic_batching block")
         repos[policy] = repo
     return repos
 

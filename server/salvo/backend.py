@@ -214,21 +214,21 @@ class LoadedModel:
                 np.zeros((*batch, *(max(d, 1) for d in spec.dims)), DATATYPES[spec.datatype].numpy)
                 for spec in self.config.inputs
             ]
-            try:
-                self.run(inputs)
-            except SalvoError as exc:
-                raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
+            self._warm_pass(inputs)
         # The largest twice more, now warm: what a full batch costs (see execution: auto).
         # The calling thread's CPU time, not the clock's: other models load at the same
         # time, and a pass preempted by them would read slow. The faster of two passes.
         for _ in range(2):
             start = time.thread_time_ns()
-            try:
-                self.run(inputs)
-            except SalvoError as exc:
-                raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
+            self._warm_pass(inputs)
             took = time.thread_time_ns() - start
             self.largest_batch_ns = min(took, self.largest_batch_ns or took)
+
+    def _warm_pass(self, inputs: list[np.ndarray]) -> None:
+        try:
+            self.run(inputs)
+        except SalvoError as exc:
+            raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
 
     def assemble(self, requests: Sequence[Sequence[np.ndarray]]) -> list[Any]:
         """One contiguous buffer per input, from several requests' arrays (config order).
