@@ -21,6 +21,7 @@ from .errors import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
 from .scheduler import Scheduler
 from .stats import ModelStats
 from .telemetry import Telemetry
+from .wire import WirePlan
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,11 @@ class ModelVersion:
     model: LoadedModel
     scheduler: Scheduler
     stats: ModelStats
+    plan: WirePlan = field(init=False)
+    """Its common requests and responses in one step (salvo.wire)."""
+
+    def __post_init__(self) -> None:
+        self.plan = WirePlan(self.config, self.version)
 
 
 @dataclass(eq=False)

@@ -341,8 +341,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline_ns: int | None, probe: Probe | None = None
-    ) -> pb.ModelInferResponse | bytes:
-        """One inference: a response message, or serialized bytes when the cache served it."""
+    ) -> bytes:
+        """One inference: the serialized response."""
         start = time.monotonic_ns()
         mv = self.models.get(request.model_name, request.model_version)
         if probe is not None:
@@ -362,7 +362,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     _count_cached(mv, probe, "hit", rows, start)
                     ok = True
                     return value + _id_field(request_id)
-            validated, tensors, outputs, parameters = self._validated(mv, request)
+            if cache is None:
+                # The model's wire plan takes the common request; the rest (and every
+                # error) goes the general way.
+                validated = mv.plan.decode(request) or self._validated(mv, request)[0]
+            else:
+                validated, tensors, outputs, parameters = self._validated(mv, request)
             if cache is not None and _cacheable(parameters):
                 key = cache.key(mv.name, mv.version, tensors, outputs, parameters)
                 hit = cache.lookup(key, mv.name)
@@ -401,7 +406,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _response(
         self, mv: ModelVersion, request: InferRequest, arrays: list, request_id: str
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
+        """The serialized response: through the model's wire plan, or built as a message
+        where the plan does not take the outputs (and `encode_outputs` says what is wrong)."""
+        encoded = mv.plan.encode(request_id, request.outputs, arrays)
+        if encoded is not None:
+            return encoded
         response = pb.ModelInferResponse(
             model_name=mv.name, model_version=str(mv.version), id=request_id
         )
@@ -413,7 +423,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for i, array in zip(request.outputs, arrays, strict=True)
             ),
         )
-        return response
+        return response.SerializeToString()
 
     def _serialized(self, mv: ModelVersion, request: InferRequest) -> asyncio.Future[bytes]:
         """Queue `request` now; the future of its response for the cache, serialized,
@@ -435,7 +445,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return
             try:  # result() raises the request's own error; encoding may raise too
                 arrays = waiter.result()
-                response.set_result(self._response(mv, request, arrays, "").SerializeToString())
+                response.set_result(self._response(mv, request, arrays, ""))
             except Exception as exc:
                 response.set_exception(exc)
 
@@ -514,10 +524,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             probe = Probe(telemetry.start_rpc(STREAM, stream_metadata)) if telemetry else None
             code, message = "OK", ""
             try:
-                response = await self._infer(request, None, probe)
-                if not isinstance(response, bytes):
-                    response = response.SerializeToString()
-                responses.put_nowait(_stream_response(response))
+                responses.put_nowait(_stream_response(await self._infer(request, None, probe)))
             except Exception as exc:
                 code, message = failed(request, exc)
             finally:
@@ -538,7 +545,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if probe is not None:
                 probe.model, probe.version = mv.name, str(mv.version)
             try:
-                validated = self._validated(mv, request)[0]
+                validated = mv.plan.decode(request) or self._validated(mv, request)[0]
                 entry = mv.scheduler.submit(validated, None, probe)
             except Exception as exc:
                 mv.stats.record_request(False, time.monotonic_ns() - begun)
@@ -553,7 +560,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 else:
                     try:  # result() raises the request's own error; encoding may raise too
                         response = self._response(mv, validated, waiter.result(), request.id)
-                        responses.put_nowait(_stream_response(response.SerializeToString()))
+                        responses.put_nowait(_stream_response(response))
                     except Exception as exc:
                         code, message = failed(request, exc)
                 mv.stats.record_request(code == "OK", time.monotonic_ns() - begun)

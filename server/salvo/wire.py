@@ -1,0 +1,163 @@
+"""The common inference request and response of one model version, in one step each.
+
+Almost every request a model gets looks the same: each input raw, in the config's order,
+with the config's names, datatypes and dims, no parameters. That is what perf_analyzer,
+tritonclient and Salvo's own client send. `WirePlan` works out once, per model version,
+what such a request must look like, and turns one into an `InferRequest` with a handful of
+comparisons and one `np.frombuffer` an input. It answers with the response's wire bytes
+from a prefix serialized once (model name, version, each output's description per shape)
+and the outputs' raw bytes.
+
+Anything else, well formed or not, is left to the general path (`codec.decode_inputs`,
+`validation.validate_request`, `codec.encode_outputs`), which gives the same result for
+what the plan takes and the errors for what is wrong: `decode` and `encode` return None
+rather than raise. tests/unit/test_wire.py holds the plan to the general path's results,
+byte for byte.
+
+Measured (benchmarks/RESULTS.md, "Wire plan and held arrivals: reading"): inside a busy
+server the general path took `mlp` 33 to 37 µs a request to decode and validate, the plan
+19 to 20 µs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from salvo_client.proto import grpc_service_pb2 as pb
+
+from .codec import _SPECS
+from .config import ModelConfig
+from .validation import InferRequest
+
+_ID_TAG = b"\x1a"  # ModelInferResponse.id: field 3, length-delimited
+_OUTPUT_TAG = b"\x2a"  # ModelInferResponse.outputs: field 5
+_RAW_TAG = b"\x32"  # ModelInferResponse.raw_output_contents: field 6
+_MAX_DESCRIBED = 256
+"""Output descriptions kept per plan: one per output and batch size for fixed dims."""
+
+
+def _length_delimited(tag: bytes, size: int) -> bytes:
+    """A field's tag and its length as a base-128 varint; the payload follows."""
+    prefix = bytearray(tag)
+    while size > 0x7F:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix)
+
+
+_Input = tuple[str, str, np.dtype, tuple[int, ...], int]
+"""An input as the plan checks it: name, datatype, dtype, dims, bytes a row."""
+
+
+def _common_inputs(config: ModelConfig) -> tuple[_Input, ...] | None:
+    """The config's inputs as the plan checks them; None when it takes no request: a
+    BYTES input must be split, a BOOL one checked byte by byte and a variable dim matched
+    against -1, which is the general path's work, not worth a second copy here."""
+    inputs = []
+    for spec in config.inputs:
+        dtype = _SPECS[spec.datatype].dtype
+        if dtype.kind in "Ob" or -1 in spec.dims:
+            return None
+        row_bytes = dtype.itemsize * int(np.prod(spec.dims, dtype=np.int64))
+        inputs.append((spec.name, spec.datatype, dtype, spec.dims, row_bytes))
+    return tuple(inputs)
+
+
+class WirePlan:
+    """What one model version's common requests look like, and its responses' prefix."""
+
+    def __init__(self, config: ModelConfig, version: int) -> None:
+        self._model = config.name
+        self._version = version
+        self._max_batch_size = config.max_batch_size
+        self._inputs = _common_inputs(config)
+        self._output_index = {spec.name: i for i, spec in enumerate(config.outputs)}
+        self._all_outputs = tuple(range(len(config.outputs)))
+        self._outputs = tuple(
+            (spec.name, spec.datatype, _SPECS[spec.datatype].dtype) for spec in config.outputs
+        )
+        self._prefix = pb.ModelInferResponse(
+            model_name=config.name, model_version=str(version)
+        ).SerializeToString()
+        self._described: dict[tuple[int, tuple[int, ...]], bytes] = {}
+
+    def decode(self, request: pb.ModelInferRequest) -> InferRequest | None:
+        """`request` validated, if it is a common one; None leaves it to the general path."""
+        specs = self._inputs
+        if specs is None or request.parameters:
+            return None
+        raw_contents = request.raw_input_contents
+        tensors = request.inputs
+        if len(raw_contents) != len(specs) or len(tensors) != len(specs):
+            return None
+        outputs = self._all_outputs
+        if request.outputs:
+            asked = tuple(self._output_index.get(o.name, -1) for o in request.outputs)
+            if -1 in asked or len(set(asked)) != len(asked):
+                return None
+            outputs = asked
+        batching = self._max_batch_size > 0
+        rows = 0
+        arrays = []
+        for (name, datatype, dtype, dims, row_bytes), tensor, raw in zip(
+            specs, tensors, raw_contents, strict=True
+        ):
+            if tensor.name != name or tensor.datatype != datatype or tensor.HasField("contents"):
+                return None
+            shape = tuple(tensor.shape)
+            if batching:
+                if shape[1:] != dims or len(shape) != len(dims) + 1:
+                    return None
+                batch = shape[0]
+                if batch < 1 or batch > self._max_batch_size or (rows and batch != rows):
+                    return None
+                rows = batch
+                if len(raw) != batch * row_bytes:
+                    return None
+            elif shape != dims or len(raw) != row_bytes:
+                return None
+            arrays.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+        return InferRequest(
+            model=self._model,
+            version=self._version,
+            id=request.id,
+            inputs=tuple(arrays),
+            outputs=outputs,
+            rows=rows or 1,
+            parameters={},
+        )
+
+    def encode(
+        self, request_id: str, outputs: Sequence[int], arrays: Sequence[np.ndarray]
+    ) -> bytes | None:
+        """The serialized ModelInferResponse for `arrays` (the outputs at `outputs`), as
+        `codec.encode_outputs` would make it; None for what the plan does not take."""
+        parts: list[Any] = [self._prefix]  # bytes, and arrays joined as buffers
+        if request_id:
+            encoded = request_id.encode()
+            parts.append(_length_delimited(_ID_TAG, len(encoded)))
+            parts.append(encoded)
+        raws: list[Any] = []
+        for index, array in zip(outputs, arrays, strict=True):
+            name, datatype, dtype = self._outputs[index]
+            if array.dtype != dtype or dtype.kind == "O" or datatype == "BF16":
+                return None
+            key = (index, array.shape)
+            described = self._described.get(key)
+            if described is None:
+                tensor = pb.ModelInferResponse.InferOutputTensor(
+                    name=name, datatype=datatype, shape=array.shape
+                ).SerializeToString()
+                described = _length_delimited(_OUTPUT_TAG, len(tensor)) + tensor
+                if len(self._described) < _MAX_DESCRIBED:
+                    self._described[key] = described
+            parts.append(described)
+            raws.append(_length_delimited(_RAW_TAG, array.nbytes))
+            # A C-contiguous array joins as it is (bytes.join takes any simple buffer).
+            raws.append(array if array.flags.c_contiguous else array.tobytes())
+        parts.extend(raws)
+        return b"".join(parts)
