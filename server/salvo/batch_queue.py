@@ -157,6 +157,17 @@ class BatchQueue:
             self._probe = 0  # the probed row came: the count was short
             self._probe_misses = 0
 
+    def arrival_matters(self) -> bool:
+        """Whether the request just appended can change what a free instance does now.
+
+        False only while the queue holds for rows expected back (`next_batch` said so) and
+        the arrival neither filled a batch nor brought the last row expected. An arrival
+        never brings a hold's end nearer, so the hold's timer stays right, and when it
+        fires the queue reads the deadline afresh (`until_quiet` moves it later). The shell
+        can then skip a dispatcher pass per arrival while a batch gathers.
+        """
+        return not self._holding or self._rows >= self.max_batch_size or not self.expected_rows
+
     def completed(self, rows: int, now_ns: int) -> None:
         """A batch of `rows` was answered: expect that many rows back, unless recent holds
         timed out (see the module doc)."""

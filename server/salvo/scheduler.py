@@ -176,7 +176,8 @@ class Scheduler:
         )
         self.queue.append(entry)
         self._idle.clear()
-        self._wake.set()
+        if self.queue.arrival_matters():
+            self._wake.set()
         self._notify()
         # At the call's own gRPC deadline gRPC cancels the caller; a shorter one (the
         # `timeout` parameter, the model's default) gets a timer that answers the request

@@ -31,11 +31,13 @@ class InferRequest:
     rows: int
     """Batch rows the request carries (1 for a model without a batch dimension)."""
     parameters: dict[str, object] = field(default_factory=dict)
+    signature: tuple = field(init=False, repr=False, compare=False)
+    """Requests with equal signatures can share a batch: same non-batch shapes and outputs.
+    Worked out once: the batch queue compares it for every queued request it looks at."""
 
-    @property
-    def signature(self) -> tuple:
-        """Requests with equal signatures can share a batch: same non-batch shapes and outputs."""
-        return (tuple(a.shape[1:] for a in self.inputs), self.outputs)
+    def __post_init__(self) -> None:
+        signature = (tuple(a.shape[1:] for a in self.inputs), self.outputs)
+        object.__setattr__(self, "signature", signature)  # frozen: set once, here
 
 
 def _shape(dims: Sequence[int]) -> str:

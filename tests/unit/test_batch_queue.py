@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import pytest
@@ -167,11 +168,18 @@ def test_every_request_answered_exactly_once(
                 deadline_ns=None if deadline is None else now + deadline,
             )
             entries.append(e)
+            held_until = q.hold_until_ns()
             try:
                 q.append(e)
             except Overloaded:
                 assert max_queue and len(q) == max_queue
                 fate[e.request.id] = "rejected"
+            else:
+                if not q.arrival_matters():
+                    # The shell skips the dispatcher's pass. Sound only if the hold's timer
+                    # is not late now, and the pass would hold too (or the timer is due).
+                    assert held_until is not None and q.hold_until_ns() >= held_until
+                    assert now >= held_until or copy.deepcopy(q).next_batch(now) is None
         elif op[0] == "cancel" and entries:
             e = entries[op[1] % len(entries)]
             if q.remove(e):
@@ -214,6 +222,38 @@ def test_rows_expected_back_hold_a_batch_until_they_come():
     q.completed(rows=3, now_ns=60)  # however fast the batch ran, its rows are expected
     q.append(entry(3, t=70))
     assert q.next_batch(80) is None
+
+
+@pytest.mark.parametrize("until_quiet", [False, True])
+def test_during_a_hold_only_an_arrival_that_ends_it_matters(until_quiet):
+    # The last row expected back ends the hold.
+    q = BatchQueue(8, max_queue_delay_ns=1000, until_quiet=until_quiet)
+    q.completed(rows=3, now_ns=0)  # 3 rows expected back (4 with until_quiet's probe)
+    q.append(entry(0, t=10))
+    assert q.arrival_matters()  # nothing decided since the batch: the dispatcher looks
+    assert q.next_batch(20) is None  # hold
+    i = 1
+    while q.expected_rows > 1:
+        q.append(entry(i, t=20 + i))
+        assert not q.arrival_matters()  # short of the count: the hold's timer stands
+        i += 1
+    q.append(entry(i, t=20 + i))
+    assert q.arrival_matters()
+    assert len(q.next_batch(30)) == i + 1
+    q.append(entry(99, t=40))
+    assert q.arrival_matters()  # not holding: the dispatcher looks
+
+    # A full batch ends the hold, however many rows are still expected.
+    q = BatchQueue(4, max_queue_delay_ns=1000, until_quiet=until_quiet)
+    q.completed(rows=6, now_ns=0)
+    q.append(entry(0, t=10))
+    assert q.next_batch(10) is None
+    for i in (1, 2):
+        q.append(entry(i, t=10 + i))
+        assert not q.arrival_matters()
+    q.append(entry(3, t=20))
+    assert q.expected_rows and q.arrival_matters()
+    assert ids(q.next_batch(20)) == [0, 1, 2, 3]
 
 
 def test_at_low_load_the_returning_row_waits_for_nothing():
