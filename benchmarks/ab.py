@@ -8,6 +8,7 @@ per-round ratios and their median. Both servers use this checkout's virtualenv; 
 tree's `server/` and `client/` come first on PYTHONPATH.
 
     python benchmarks/ab.py --base REV [--model mlp] [--concurrency 16] [--streaming]
+                            [--hold-for-returns bounded|until_quiet]
                             [--rounds 6] [--write]
 """
 
@@ -22,7 +23,15 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, ServerProcess, machine, perf_analyzer, today, write_section  # noqa: E402
+from common import (  # noqa: E402
+    ROOT,
+    ServerProcess,
+    machine,
+    perf_analyzer,
+    set_hold_for_returns,
+    today,
+    write_section,
+)
 
 
 def revision(rev: str) -> str:
@@ -64,6 +73,11 @@ def main() -> None:
         action="store_true",
         help="serve the model alone, as a one-model deployment does (default: the demo repository)",
     )
+    parser.add_argument(
+        "--hold-for-returns",
+        choices=("bounded", "until_quiet"),
+        help="set the model's dynamic_batching.hold_for_returns (default: its config's)",
+    )
     parser.add_argument("--write", action="store_true", help="add the result to RESULTS.md")
     args = parser.parse_args()
 
@@ -84,6 +98,9 @@ def main() -> None:
                 for other in repo.iterdir():
                     if other.name != args.model:
                         shutil.rmtree(other)
+            config = repo / args.model / "config.yaml"
+            if args.hold_for_returns and not set_hold_for_returns(config, args.hold_for_returns):
+                raise SystemExit(f"{args.model} does not batch: no hold_for_returns to set")
             for round_ in range(args.rounds):
                 order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
                 for side in order:
@@ -104,7 +121,8 @@ def main() -> None:
     if args.write:
         mode = "streaming" if args.streaming else "unary"
         alone = " alone" if args.alone else ""
-        write_section(f"A/B: {head} against {base} ({args.model}{alone}, {mode})", text)
+        hold = f", {args.hold_for_returns}" if args.hold_for_returns else ""
+        write_section(f"A/B: {head} against {base} ({args.model}{alone}, {mode}{hold})", text)
 
 
 def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
@@ -114,6 +132,7 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
     flags = f" --model {args.model} --concurrency {args.concurrency}"
     flags += " --streaming" if args.streaming else ""
     flags += " --alone" if args.alone else ""
+    flags += f" --hold-for-returns {args.hold_for_returns}" if args.hold_for_returns else ""
     flags += f" --rounds {args.rounds}"
     mode = "--streaming" if args.streaming else "--async"
     return "\n".join(
@@ -123,6 +142,11 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
             f"Servers: `salvo serve --torch-threads {args.torch_threads}` from {head} (this) "
             f"and from {base} (base), a fresh one per measurement, serving "
             + (f"`{args.model}` alone" if args.alone else "the demo repository")
+            + (
+                f" with `hold_for_returns: {args.hold_for_returns}`"
+                if args.hold_for_returns
+                else ""
+            )
             + ". Load: perf_analyzer "
             f"{mode} -b 1 at concurrency {args.concurrency} on `{args.model}`, a 1 s warm-up "
             f"window, then one measured run; {args.rounds} rounds, the order reversed every "
