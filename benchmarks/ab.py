@@ -3,12 +3,14 @@
 A change to the hot path is worth what it measures against the code before it, on the same
 machine, at the same time. This checks the other commit out into a temporary git worktree,
 then in each round starts `salvo serve` from one tree and then the other (the order
-reversed every other round), drives each with the same perf_analyzer load, and reports the
-per-round ratios and their median. Both servers use this checkout's virtualenv; the other
-tree's `server/` and `client/` come first on PYTHONPATH.
+reversed every other round), drives each with the same perf_analyzer load (or h2load's,
+whose client costs the 2 cores almost nothing), and reports the per-round ratios and their
+median. Both servers use this checkout's virtualenv; the other tree's `server/` and
+`client/` come first on PYTHONPATH.
 
     python benchmarks/ab.py --base REV [--model mlp] [--concurrency 16] [--streaming]
                             [--hold-for-returns bounded|until_quiet]
+                            [--driver perf_analyzer|h2load]
                             [--rounds 6] [--write]
 """
 
@@ -20,18 +22,29 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     ServerProcess,
+    batch_counts,
     machine,
     perf_analyzer,
     set_hold_for_returns,
     today,
     write_section,
 )
+from stress import cpu_s, infer_payload  # noqa: E402
+
+from salvo.config import load_config  # noqa: E402
+from tests import h2load  # noqa: E402
+
+H2LOAD_CALLS = 20_000
+"""Calls in one h2load measurement (a fifth as many warm it up first)."""
 
 
 def revision(rev: str) -> str:
@@ -54,10 +67,39 @@ def measure(tree: Path | None, repo: Path, args: argparse.Namespace) -> dict[str
     """One server from `tree` (None: this checkout), warmed up, then one measured window."""
     env = {"PYTHONPATH": f"{tree / 'server'}:{tree / 'client'}"} if tree else {}
     with ServerProcess(repo, "--torch-threads", str(args.torch_threads), env=env) as server:
+        if args.driver == "h2load":
+            return measure_h2load(server, repo, args)
         load = {"streaming": args.streaming, "extra": ("-s", "50")}
         perf_analyzer(server.grpc_target, args.model, args.concurrency, window_ms=1000, **load)
         row = perf_analyzer(server.grpc_target, args.model, args.concurrency, **load)
     return {"throughput": float(row["Inferences/Second"]), "p99_ms": int(row["p99 latency"]) / 1e3}
+
+
+def measure_h2load(server: ServerProcess, repo: Path, args: argparse.Namespace) -> dict[str, float]:
+    """A closed loop of `args.concurrency` calls on one connection from h2load (a few µs of
+    client CPU a call, where perf_analyzer's is 100 µs or more and shares the 2 cores):
+    H2LOAD_CALLS calls after a warm-up, and the server's CPU per call. h2load cannot read
+    gRPC statuses, so Salvo's statistics must count every call as answered."""
+    target, body = server.grpc_target, repo.parent / "h2load.body"
+    config = load_config(repo / args.model)
+    shape = (1, *config.inputs[0].dims)
+    body.write_bytes(h2load.grpc_body(infer_payload(args.model, config.inputs[0].name, shape)))
+    log = body.with_name("h2load.log")
+    h2load.drive(target, body, 0, log, concurrency=args.concurrency, connections=1,
+                 requests=H2LOAD_CALLS // 5)  # fmt: skip
+    answered_before = batch_counts(target, args.model)[0]
+    cpu_before, start = cpu_s(server.proc.pid), time.perf_counter()
+    run = h2load.drive(target, body, 0, log, concurrency=args.concurrency, connections=1,
+                       requests=H2LOAD_CALLS)  # fmt: skip
+    elapsed, cpu = time.perf_counter() - start, cpu_s(server.proc.pid) - cpu_before
+    answered = batch_counts(target, args.model)[0] - answered_before
+    if answered != H2LOAD_CALLS or len(run.latency_ns) != H2LOAD_CALLS:
+        raise RuntimeError(f"{answered} answered, {len(run.latency_ns)} of {H2LOAD_CALLS} done")
+    return {
+        "throughput": H2LOAD_CALLS / elapsed,
+        "p99_ms": float(np.percentile(run.latency_ns, 99)) / 1e6,
+        "cpu_us": cpu / H2LOAD_CALLS * 1e6,
+    }
 
 
 def main() -> None:
@@ -78,8 +120,16 @@ def main() -> None:
         choices=("bounded", "until_quiet"),
         help="set the model's dynamic_batching.hold_for_returns (default: its config's)",
     )
+    parser.add_argument(
+        "--driver",
+        choices=("perf_analyzer", "h2load"),
+        default="perf_analyzer",
+        help="h2load: a closed loop with almost no client CPU, unary only (default: perf_analyzer)",
+    )
     parser.add_argument("--write", action="store_true", help="add the result to RESULTS.md")
     args = parser.parse_args()
+    if args.driver == "h2load" and args.streaming:
+        parser.error("h2load drives unary calls only")
 
     base, head = revision(args.base), revision("HEAD") + (" plus changes" if dirty() else "")
     runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}
@@ -122,7 +172,10 @@ def main() -> None:
         mode = "streaming" if args.streaming else "unary"
         alone = " alone" if args.alone else ""
         hold = f", {args.hold_for_returns}" if args.hold_for_returns else ""
-        write_section(f"A/B: {head} against {base} ({args.model}{alone}, {mode}{hold})", text)
+        driver = ", h2load" if args.driver == "h2load" else ""
+        write_section(
+            f"A/B: {head} against {base} ({args.model}{alone}, {mode}{hold}{driver})", text
+        )
 
 
 def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
@@ -133,6 +186,7 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
     flags += " --streaming" if args.streaming else ""
     flags += " --alone" if args.alone else ""
     flags += f" --hold-for-returns {args.hold_for_returns}" if args.hold_for_returns else ""
+    flags += " --driver h2load" if args.driver == "h2load" else ""
     flags += f" --rounds {args.rounds}"
     mode = "--streaming" if args.streaming else "--async"
     return "\n".join(
@@ -147,10 +201,17 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
                 if args.hold_for_returns
                 else ""
             )
-            + ". Load: perf_analyzer "
-            f"{mode} -b 1 at concurrency {args.concurrency} on `{args.model}`, a 1 s warm-up "
-            f"window, then one measured run; {args.rounds} rounds, the order reversed every "
-            "other round.",
+            + ". Load: "
+            + (
+                f"h2load, a closed loop of {args.concurrency} batch-1 calls to `{args.model}` on "
+                f"one connection, {H2LOAD_CALLS // 5:,} calls to warm up, then "
+                f"{H2LOAD_CALLS:,} measured (each counted as answered by the server's "
+                "statistics), server CPU from /proc"
+                if args.driver == "h2load"
+                else f"perf_analyzer {mode} -b 1 at concurrency {args.concurrency} on "
+                f"`{args.model}`, a 1 s warm-up window, then one measured run"
+            )
+            + f"; {args.rounds} rounds, the order reversed every other round.",
             "",
             f"- throughput, this / base per round: {', '.join(f'{r:.3f}' for r in ratios)}; "
             f"median **{statistics.median(ratios):.3f}**",
@@ -158,6 +219,15 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
             f"median {statistics.median(p99):.3f}",
             f"- medians: this {statistics.median(r['throughput'] for r in runs['this']):,.0f}/s, "
             f"base {statistics.median(r['throughput'] for r in runs['base']):,.0f}/s",
+            *(
+                [
+                    "- server CPU µs per call, medians: "
+                    f"this {statistics.median(r['cpu_us'] for r in runs['this']):.0f}, "
+                    f"base {statistics.median(r['cpu_us'] for r in runs['base']):.0f}"
+                ]
+                if args.driver == "h2load"
+                else []
+            ),
         ]
     )
 
