@@ -78,6 +78,13 @@ def _make_spec(name: str) -> _Spec:
 
 
 _SPECS: dict[str, _Spec] = {name: _make_spec(name) for name in DATATYPES}
+
+
+def wire_dtype(datatype: str) -> np.dtype:
+    """The numpy dtype of a v2 datatype on the wire: little-endian (object for BYTES)."""
+    return _SPECS[datatype].dtype
+
+
 _U32 = struct.Struct("<I")
 _U32_MAX = 2**32 - 1
 # numpy refuses arrays whose non-zero dimensions times the itemsize exceed this, even empty ones.
@@ -324,7 +331,8 @@ def encode_tensor_raw(datatype: str, array: np.ndarray) -> bytes:
     return _encode_raw("array", datatype, array)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """`value` (non-negative) as a protobuf base-128 varint."""
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -342,7 +350,7 @@ def encode_tensor_typed(datatype: str, array: np.ndarray) -> pb.InferTensorConte
         # Built as wire bytes so that float values, NaN payloads included, keep their bits.
         payload = wire.tobytes(order="C")
         return pb.InferTensorContents.FromString(
-            bytes([spec.packed_tag]) + _varint(len(payload)) + payload
+            bytes([spec.packed_tag]) + varint(len(payload)) + payload
         )
     contents = pb.InferTensorContents()
     field: Any = getattr(contents, spec.field)

@@ -23,7 +23,7 @@ from salvo_client.proto import model_config_pb2 as mc
 from . import __version__
 from .batch_queue import Entry
 from .cache import ResponseCache
-from .codec import Tensor, decode_inputs, encode_outputs
+from .codec import Tensor, decode_inputs, encode_outputs, varint
 from .config import ModelConfig
 from .datatypes import DATATYPES
 from .errors import InvalidRequest, Overloaded, SalvoError, status_for
@@ -136,13 +136,7 @@ _INFER_RESPONSE_TAG = b"\x12"
 def _stream_response(infer_response: bytes) -> bytes:
     """ModelStreamInferResponse(infer_response=...) as wire bytes, from the serialized
     response: its tensors are not copied into a new message and serialized again."""
-    size = len(infer_response)
-    prefix = bytearray(_INFER_RESPONSE_TAG)
-    while size > 0x7F:  # the length as a base-128 varint
-        prefix.append((size & 0x7F) | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return bytes(prefix) + infer_response
+    return _INFER_RESPONSE_TAG + varint(len(infer_response)) + infer_response
 
 
 def _stream_error(request: pb.ModelInferRequest, status: grpc.StatusCode, message: str) -> bytes:

@@ -28,7 +28,7 @@ import numpy as np
 
 from salvo_client.proto import grpc_service_pb2 as pb
 
-from .codec import _SPECS
+from .codec import varint, wire_dtype
 from .config import ModelConfig
 from .validation import InferRequest
 
@@ -40,13 +40,8 @@ _MAX_DESCRIBED = 256
 
 
 def _length_delimited(tag: bytes, size: int) -> bytes:
-    """A field's tag and its length as a base-128 varint; the payload follows."""
-    prefix = bytearray(tag)
-    while size > 0x7F:
-        prefix.append((size & 0x7F) | 0x80)
-        size >>= 7
-    prefix.append(size)
-    return bytes(prefix)
+    """A field's tag and its length; the payload follows."""
+    return tag + varint(size)
 
 
 _Input = tuple[str, str, np.dtype, tuple[int, ...], int]
@@ -59,7 +54,7 @@ def _common_inputs(config: ModelConfig) -> tuple[_Input, ...] | None:
     against -1, which is the general path's work, not worth a second copy here."""
     inputs = []
     for spec in config.inputs:
-        dtype = _SPECS[spec.datatype].dtype
+        dtype = wire_dtype(spec.datatype)
         if dtype.kind in "Ob" or -1 in spec.dims:
             return None
         row_bytes = dtype.itemsize * int(np.prod(spec.dims, dtype=np.int64))
@@ -78,7 +73,7 @@ class WirePlan:
         self._output_index = {spec.name: i for i, spec in enumerate(config.outputs)}
         self._all_outputs = tuple(range(len(config.outputs)))
         self._outputs = tuple(
-            (spec.name, spec.datatype, _SPECS[spec.datatype].dtype) for spec in config.outputs
+            (spec.name, spec.datatype, wire_dtype(spec.datatype)) for spec in config.outputs
         )
         self._prefix = pb.ModelInferResponse(
             model_name=config.name, model_version=str(version)
