@@ -357,9 +357,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     ok = True
                     return value + _id_field(request_id)
             if cache is None:
-                # The model's wire plan takes the common request; the rest (and every
-                # error) goes the general way.
-                validated = mv.plan.decode(request) or self._validated(mv, request)[0]
+                validated = self._checked(mv, request)
             else:
                 validated, tensors, outputs, parameters = self._validated(mv, request)
             if cache is not None and _cacheable(parameters):
@@ -384,6 +382,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
         finally:
             mv.stats.record_request(ok, time.monotonic_ns() - start)
+
+    @classmethod
+    def _checked(cls, mv: ModelVersion, request: pb.ModelInferRequest) -> InferRequest:
+        """`request` decoded and checked: in one step through the model's wire plan when it
+        is a common one, else (and for every error) the general way."""
+        return mv.plan.decode(request) or cls._validated(mv, request)[0]
 
     @staticmethod
     def _validated(
@@ -539,7 +543,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if probe is not None:
                 probe.model, probe.version = mv.name, str(mv.version)
             try:
-                validated = mv.plan.decode(request) or self._validated(mv, request)[0]
+                validated = self._checked(mv, request)
                 entry = mv.scheduler.submit(validated, None, probe)
             except Exception as exc:
                 mv.stats.record_request(False, time.monotonic_ns() - begun)

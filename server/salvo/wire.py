@@ -62,6 +62,13 @@ def _common_inputs(config: ModelConfig) -> tuple[_Input, ...] | None:
     return tuple(inputs)
 
 
+def _raw_dtype(datatype: str) -> np.dtype | None:
+    """The dtype whose bytes are an output's raw contents as they are; None where the
+    general path converts them (BYTES are length-prefixed, BF16 arrays are viewed as bits)."""
+    dtype = wire_dtype(datatype)
+    return None if dtype.kind == "O" or datatype == "BF16" else dtype
+
+
 class WirePlan:
     """What one model version's common requests look like, and its responses' prefix."""
 
@@ -73,7 +80,7 @@ class WirePlan:
         self._output_index = {spec.name: i for i, spec in enumerate(config.outputs)}
         self._all_outputs = tuple(range(len(config.outputs)))
         self._outputs = tuple(
-            (spec.name, spec.datatype, wire_dtype(spec.datatype)) for spec in config.outputs
+            (spec.name, spec.datatype, _raw_dtype(spec.datatype)) for spec in config.outputs
         )
         self._prefix = pb.ModelInferResponse(
             model_name=config.name, model_version=str(version)
@@ -139,7 +146,7 @@ class WirePlan:
         raws: list[Any] = []
         for index, array in zip(outputs, arrays, strict=True):
             name, datatype, dtype = self._outputs[index]
-            if array.dtype != dtype or dtype.kind == "O" or datatype == "BF16":
+            if dtype is None or array.dtype != dtype:
                 return None
             key = (index, array.shape)
             described = self._described.get(key)
