@@ -283,16 +283,23 @@ def test_a_free_instance_holds_for_the_rows_it_expects_back(server, client, load
     server.wait_queued(name, 1)
     model.release(1)
     assert sender.collect(1) == {0.0: (ANY, None)}
-    # Row 0 is answered, so its caller is expected back: row 1 waits for it.
-    sender.send_in_order(server, [(2, {})], already_queued=1)
+    # Row 0 is answered, so its caller is expected back: row 1 waits for it. (A queue that
+    # a hold ends is gone at once, so a hold's end is awaited as the batch, not the queue.)
+    sender.send(2)
+    if mode == "bounded":  # row 2 is the row expected: [1, 2] goes
+        model.wait_batches(2)
+    else:  # the probe still expects one row more: [1, 2] waits
+        server.wait_queued(name, 2)
     sender.send(3)
-    model.wait_batches(2)
     if mode == "bounded":  # [1, 2] went without it: row 3 must be queued before they finish
         server.wait_queued(name, 1)
+    else:  # row 3 is the probed row: [1, 2, 3] goes
+        model.wait_batches(2)
     model.release(1)
     answers = sender.collect(len(batches[1]))
     if mode == "bounded":  # row 3 is held for the two callers just answered
-        sender.send_in_order(server, [(4, {}), (5, {})], already_queued=1)
+        sender.send_in_order(server, [(4, {})], already_queued=1)
+        sender.send(5)  # the last row expected: [3, 4, 5] goes
         model.wait_batches(3)
         model.release(1)
         answers |= sender.collect(3)
