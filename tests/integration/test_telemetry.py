@@ -168,8 +168,9 @@ def test_metrics_after_a_known_sequence(server, client, loader, metrics):
     client.async_infer("m", [x_input(7.0)], lambda result, error: answers.put(error))
     server.wait_queued("m", 2)
     client.async_infer(
-        "m", [x_input(9.0)], lambda result, error: answers.put(error), timeout=200_000
-    )  # the v2 timeout parameter (µs): the server answers it, so the outcome is "timeout"
+        "m", [x_input(9.0)], lambda result, error: answers.put(error), timeout=1_000_000
+    )  # the v2 timeout parameter (µs): the server answers it, so the outcome is "timeout".
+    # A second: the queue must still be full when the next request comes, on a busy machine.
     server.wait_queued("m", 3)  # the queue is full (max_queue_size 3)
     client.async_infer("m", [x_input(8.0)], lambda result, error: answers.put(error))
     assert answers.get(timeout=30).status() == "StatusCode.RESOURCE_EXHAUSTED"
