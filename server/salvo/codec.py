@@ -26,6 +26,7 @@ from salvo_client.proto import grpc_service_pb2 as pb
 __all__ = [
     "Tensor",
     "decode_inputs",
+    "decode_parameters",
     "decode_tensor_raw",
     "decode_tensor_typed",
     "encode_outputs",
@@ -282,6 +283,24 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
             data = decode_tensor_typed(name, tensor.datatype, shape, tensor.contents)
         tensors.append(Tensor(name, tensor.datatype, shape, data))
     return tensors
+
+
+def _parameter_value(p: pb.InferParameter) -> object:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def decode_parameters(request: pb.ModelInferRequest) -> dict[str, object]:
+    """The request's parameters as Python values. The ones the server acts on (`priority`,
+    `timeout`) must be non-negative integers; every other one is passed on as it came."""
+    params = {k: _parameter_value(v) for k, v in request.parameters.items()}
+    for key in ("priority", "timeout"):
+        value = params.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise InvalidRequest(f"parameter '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int) and value < 0:
+            raise InvalidRequest(f"parameter '{key}' must not be negative, got {value}")
+    return params
 
 
 def _wire_array(what: str, datatype: str, array: np.ndarray) -> tuple[_Spec, np.ndarray]:

@@ -23,7 +23,7 @@ from salvo_client.proto import model_config_pb2 as mc
 from . import __version__
 from .batch_queue import Entry
 from .cache import ResponseCache
-from .codec import Tensor, decode_inputs, encode_outputs, varint
+from .codec import Tensor, decode_inputs, decode_parameters, encode_outputs, varint
 from .config import ModelConfig
 from .datatypes import DATATYPES
 from .errors import InvalidRequest, Overloaded, SalvoError, status_for
@@ -72,22 +72,6 @@ def observed(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[
 
 
 EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
-
-
-def _param_value(p: pb.InferParameter) -> object:
-    which = p.WhichOneof("parameter_choice")
-    return getattr(p, which) if which else None
-
-
-def _parameters(request: pb.ModelInferRequest) -> dict[str, object]:
-    params = {k: _param_value(v) for k, v in request.parameters.items()}
-    for key in ("priority", "timeout"):
-        value = params.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
-            raise InvalidRequest(f"parameter '{key}' must be an integer, got {value!r}")
-        if isinstance(value, int) and value < 0:
-            raise InvalidRequest(f"parameter '{key}' must not be negative, got {value}")
-    return params
 
 
 def _cacheable(parameters: dict[str, object]) -> bool:
@@ -395,7 +379,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> tuple[InferRequest, list[Tensor], list[str], dict[str, object]]:
         """`request` decoded and checked against `mv`'s config, and what it was made of."""
         tensors = decode_inputs(request)
-        parameters = _parameters(request)
+        parameters = decode_parameters(request)
         outputs = [o.name for o in request.outputs]
         validated = validate_request(
             mv.config, mv.version, request.id, tensors, outputs, parameters

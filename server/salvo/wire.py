@@ -1,12 +1,14 @@
 """The common inference request and response of one model version, in one step each.
 
 Almost every request a model gets looks the same: each input raw, in the config's order,
-with the config's names, datatypes and dims, no parameters. That is what perf_analyzer,
-tritonclient and Salvo's own client send. `WirePlan` works out once, per model version,
-what such a request must look like, and turns one into an `InferRequest` with a handful of
-comparisons and one `np.frombuffer` an input. It answers with the response's wire bytes
-from a prefix serialized once (model name, version, each output's description per shape)
-and the outputs' raw bytes.
+with the config's names, datatypes and dims. That is what perf_analyzer, tritonclient and
+Salvo's own client send; perf_analyzer also names the output it wants and adds a parameter
+(`triton_enable_empty_final_response`), and parameters are decoded as the general path
+decodes them. `WirePlan` works out once, per model version, what such a request must look
+like, and turns one into an `InferRequest` with a handful of comparisons and one
+`np.frombuffer` an input. It answers with the response's wire bytes from a prefix
+serialized once (model name, version, each output's description per shape) and the
+outputs' raw bytes.
 
 Anything else, well formed or not, is left to the general path (`codec.decode_inputs`,
 `validation.validate_request`, `codec.encode_outputs`), which gives the same result for
@@ -28,8 +30,9 @@ import numpy as np
 
 from salvo_client.proto import grpc_service_pb2 as pb
 
-from .codec import varint, wire_dtype
+from .codec import decode_parameters, varint, wire_dtype
 from .config import ModelConfig
+from .errors import InvalidRequest
 from .validation import InferRequest
 
 _ID_TAG = b"\x1a"  # ModelInferResponse.id: field 3, length-delimited
@@ -90,8 +93,14 @@ class WirePlan:
     def decode(self, request: pb.ModelInferRequest) -> InferRequest | None:
         """`request` validated, if it is a common one; None leaves it to the general path."""
         specs = self._inputs
-        if specs is None or request.parameters:
+        if specs is None:
             return None
+        parameters: dict[str, object] = {}
+        if request.parameters:  # perf_analyzer's requests carry one it does not act on
+            try:
+                parameters = decode_parameters(request)
+            except InvalidRequest:
+                return None
         raw_contents = request.raw_input_contents
         tensors = request.inputs
         if len(raw_contents) != len(specs) or len(tensors) != len(specs):
@@ -130,7 +139,7 @@ class WirePlan:
             inputs=tuple(arrays),
             outputs=outputs,
             rows=rows or 1,
-            parameters={},
+            parameters=parameters,
         )
 
     def encode(

@@ -15,10 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.codec import decode_inputs, encode_outputs
+from salvo.codec import decode_inputs, decode_parameters, encode_outputs
 from salvo.config import ModelConfig
 from salvo.errors import InvalidRequest
-from salvo.servicer import _parameters
 from salvo.validation import InferRequest, validate_request
 from salvo.wire import WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
@@ -47,7 +46,7 @@ DTYPES = {"FP32": np.float32, "INT64": np.int64, "UINT8": np.uint8}
 
 def general(config: ModelConfig, request: pb.ModelInferRequest) -> InferRequest:
     """What the servicer's general path makes of `request`."""
-    parameters = _parameters(request)
+    parameters = decode_parameters(request)
     return validate_request(
         config,
         1,
@@ -97,6 +96,17 @@ def test_requested_outputs_by_name_keep_the_order_asked() -> None:
     assert_same(fast, general(BATCHED, request))
 
 
+def test_perf_analyzers_request_takes_the_plan() -> None:
+    """perf_analyzer names the output it wants and adds a parameter it needs no action on."""
+    request = common_request(BATCHED, 1, request_id="0")
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    request.outputs.add(name="x")
+    fast = WirePlan(BATCHED, 1).decode(request)
+    assert fast is not None
+    assert fast.parameters == {"triton_enable_empty_final_response": True}
+    assert_same(fast, general(BATCHED, request))
+
+
 def _mutate(request: pb.ModelInferRequest, mutation: str, value: Any) -> None:
     """Change `request` in one way a caller might, right or wrong."""
     tensors = request.inputs
@@ -129,8 +139,17 @@ def _mutate(request: pb.ModelInferRequest, mutation: str, value: Any) -> None:
             raws[0], raws[1] = raws[1], raws[0]
     elif mutation == "contents":
         tensors[0].contents.fp32_contents.extend([0.0] * (value % 2))
-    elif mutation == "parameters":
-        request.parameters["priority"].int64_param = value
+    elif mutation == "parameters":  # the keys the server acts on, and ones it passes on
+        key = ["priority", "timeout", "triton_enable_empty_final_response", "tag"][value % 4]
+        parameter, kind = request.parameters[key], value // 4 % 4
+        if kind == 0:
+            parameter.int64_param = value
+        elif kind == 1:
+            parameter.bool_param = bool(value % 2)
+        elif kind == 2:
+            parameter.string_param = str(value)
+        else:
+            parameter.int64_param = -value
     elif mutation == "outputs":
         for name in [["x"], ["x", "x"], ["nope"], ["y", "z"], []][value % 5]:
             request.outputs.add(name=name)
