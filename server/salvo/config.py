@@ -118,7 +118,9 @@ class OptimizationConfig(_Strict):
     good if three batches in a row, failed or not, hold the loop up for over 4 ms), else
     the thread; without warm-up, the thread. A forward pass that never returns stops a
     model on the loop and every other call with it: `loop` is for models known to be
-    fast. Several models on the loop run one after another, not side by side."""
+    fast. Several models on the loop run one after another, not side by side. On the loop
+    a batch runs on one torch thread (`backend.one_torch_thread`); on instance threads, on
+    `--torch-threads`."""
 
 
 class VersionPolicy(_Strict):

@@ -20,7 +20,7 @@ from typing import cast
 
 import numpy as np
 
-from .backend import LoadedModel, Timings, inherit_torch_threads
+from .backend import LoadedModel, Timings, inherit_torch_threads, one_torch_thread
 from .batch_queue import BatchQueue, Entry
 from .errors import (
     DeadlineExceeded,
@@ -308,12 +308,14 @@ class Scheduler:
         self._timer = loop.call_later(delay_s, self._wake.set)
 
     def _run_here(self, instance: int, batch: list[Entry]) -> None:
-        """Run `batch` on the event loop, now (see `runs_on_loop`). Nothing it raises
-        leaves: the dispatcher that calls it must go on."""
+        """Run `batch` on the event loop, now (see `runs_on_loop`), on one torch thread
+        (`one_torch_thread`). Nothing it raises leaves: the dispatcher that calls it must
+        go on."""
         start = time.monotonic_ns()
         outcome: _Ran | Exception
         try:
-            outcome = self._run_batch(batch)
+            with one_torch_thread():
+                outcome = self._run_batch(batch)
         except Exception as exc:
             outcome = exc
         self._settle(instance, batch, start, outcome)

@@ -60,3 +60,56 @@ def test_a_model_runs_on_the_torch_threads_set_at_start_up(demo_repo: Path, tmp_
             assert executor.submit(_openmp_threads).result(10) == 1
     finally:
         torch.set_num_threads(before)
+
+
+class _Recording:
+    """y = 2x, noting OpenMP's thread count in the thread that ran each forward pass."""
+
+    def __init__(self) -> None:
+        self.threads: list[int] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.threads.append(_openmp_threads())
+        return x * 2
+
+
+def test_batches_on_the_event_loop_run_on_one_thread_and_give_the_loop_its_count_back(
+    tmp_path,
+) -> None:
+    """A fast model's batches run on the event loop on one OpenMP thread (a team's second
+    thread would spin on the core gRPC needs); its instance threads keep the count set."""
+    from salvo.backend import LoadedModel
+
+    modules: dict[str, _Recording] = {}
+
+    def loader(config, version_dir):
+        module = modules.setdefault(config.name, _Recording())
+        return LoadedModel(config, version_dir / "model.pt", module, torch.device("cpu"))
+
+    for name, execution in (("on_loop", "loop"), ("on_thread", "thread")):
+        (tmp_path / name / "1").mkdir(parents=True)
+        (tmp_path / name / "config.yaml").write_text(
+            "max_batch_size: 4\n"
+            "inputs: [{name: x, datatype: FP32, dims: [2]}]\n"
+            "outputs: [{name: y, datatype: FP32, dims: [2]}]\n"
+            f"optimization: {{execution: {execution}}}\n"
+        )
+
+    async def loop_threads() -> int:
+        return _openmp_threads()
+
+    with (
+        InProcessServer(tmp_path, loader) as server,
+        tc.InferenceServerClient(server.grpc_target) as client,
+    ):
+        before = server.call(loop_threads())
+        assert before > 1, "the loop's thread starts from OpenMP's default, every core"
+        for name in ("on_loop", "on_thread"):
+            x = tc.InferInput("x", [1, 2], "FP32")
+            x.set_data_from_numpy(np.ones((1, 2), dtype=np.float32))
+            assert client.infer(name, [x]).as_numpy("y").tolist() == [[2.0, 2.0]]
+        assert server.scheduler("on_loop").on_loop
+        assert not server.scheduler("on_thread").on_loop
+        assert modules["on_loop"].threads == [1]
+        assert modules["on_thread"].threads == [before]
+        assert server.call(loop_threads()) == before
