@@ -10,8 +10,8 @@ median. Both servers use this checkout's virtualenv; the other tree's `server/` 
 
     python benchmarks/ab.py --base REV [--model mlp] [--concurrency 16] [--streaming]
                             [--hold-for-returns bounded|until_quiet]
-                            [--driver perf_analyzer|h2load]
-                            [--rounds 6] [--write]
+                            [--driver perf_analyzer|h2load] [--request plain|perf_analyzer]
+                            [--torch-threads 1] [--rounds 6] [--write]
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from common import (  # noqa: E402
 from stress import cpu_s, infer_payload  # noqa: E402
 
 from salvo.config import load_config  # noqa: E402
+from salvo_client.proto import grpc_service_pb2 as pb  # noqa: E402
 from tests import h2load  # noqa: E402
 
 H2LOAD_CALLS = 20_000
@@ -83,7 +84,14 @@ def measure_h2load(server: ServerProcess, repo: Path, args: argparse.Namespace) 
     target, body = server.grpc_target, repo.parent / "h2load.body"
     config = load_config(repo / args.model)
     shape = (1, *config.inputs[0].dims)
-    body.write_bytes(h2load.grpc_body(infer_payload(args.model, config.inputs[0].name, shape)))
+    payload = infer_payload(args.model, config.inputs[0].name, shape)
+    if args.request == "perf_analyzer":  # what perf_analyzer adds to every request
+        request = pb.ModelInferRequest.FromString(payload)
+        request.parameters["triton_enable_empty_final_response"].bool_param = True
+        for output in config.outputs:
+            request.outputs.add(name=output.name)
+        payload = request.SerializeToString()
+    body.write_bytes(h2load.grpc_body(payload))
     log = body.with_name("h2load.log")
     h2load.drive(target, body, 0, log, concurrency=args.concurrency, connections=1,
                  requests=H2LOAD_CALLS // 5)  # fmt: skip
@@ -125,6 +133,13 @@ def main() -> None:
         choices=("perf_analyzer", "h2load"),
         default="perf_analyzer",
         help="h2load: a closed loop with almost no client CPU, unary only (default: perf_analyzer)",
+    )
+    parser.add_argument(
+        "--request",
+        choices=("plain", "perf_analyzer"),
+        default="plain",
+        help="h2load's request: inputs only, or as perf_analyzer sends it (a parameter, "
+        "triton_enable_empty_final_response, and every output named)",
     )
     parser.add_argument("--write", action="store_true", help="add the result to RESULTS.md")
     args = parser.parse_args()
@@ -187,6 +202,8 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
     flags += " --alone" if args.alone else ""
     flags += f" --hold-for-returns {args.hold_for_returns}" if args.hold_for_returns else ""
     flags += " --driver h2load" if args.driver == "h2load" else ""
+    flags += f" --request {args.request}" if args.request != "plain" else ""
+    flags += f" --torch-threads {args.torch_threads}" if args.torch_threads != 1 else ""
     flags += f" --rounds {args.rounds}"
     mode = "--streaming" if args.streaming else "--async"
     return "\n".join(
@@ -203,7 +220,9 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
             )
             + ". Load: "
             + (
-                f"h2load, a closed loop of {args.concurrency} batch-1 calls to `{args.model}` on "
+                f"h2load, a closed loop of {args.concurrency} batch-1 calls to `{args.model}` "
+                + ("as perf_analyzer makes them " if args.request == "perf_analyzer" else "")
+                + "on "
                 f"one connection, {H2LOAD_CALLS // 5:,} calls to warm up, then "
                 f"{H2LOAD_CALLS:,} measured (each counted as answered by the server's "
                 "statistics), server CPU from /proc"
