@@ -145,6 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.driver == "h2load" and args.streaming:
         parser.error("h2load drives unary calls only")
+    if args.driver != "h2load" and args.request != "plain":
+        parser.error("--request sets h2load's request; perf_analyzer makes its own")
 
     base, head = revision(args.base), revision("HEAD") + (" plus changes" if dirty() else "")
     runs: dict[str, list[dict[str, float]]] = {"base": [], "this": []}

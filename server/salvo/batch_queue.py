@@ -233,11 +233,15 @@ class BatchQueue:
         if not self.until_quiet:
             return since + self.max_queue_delay_ns
         quiet_ns = max(since, self._last_arrival_ns) + self.max_queue_delay_ns
-        return min(quiet_ns, since + QUIET_CAP * self.max_queue_delay_ns)
+        return min(quiet_ns, self._cap_ns(head))
 
     def _since(self, head: Entry) -> int:
         """When a batch led by `head` could have gone: its arrival or the instance freed."""
         return max(head.enqueued_ns, self._free_since_ns)
+
+    def _cap_ns(self, head: Entry) -> int:
+        """`until_quiet`: when a hold for `head`'s batch ends however rows keep coming."""
+        return self._since(head) + QUIET_CAP * self.max_queue_delay_ns
 
     def next_batch(self, now_ns: int) -> list[Entry] | None:
         """The entries to run on a free instance now, removed from the queue.
@@ -300,8 +304,7 @@ class BatchQueue:
             self._probe_skip = (1 << self._probe_misses) - 1
             self._quiet_ends = 0  # every row really expected came
             return True
-        capped = now_ns >= self._since(head) + QUIET_CAP * self.max_queue_delay_ns
-        if capped or self._quiet_ends + 1 >= QUIET_ENDS:
+        if now_ns >= self._cap_ns(head) or self._quiet_ends + 1 >= QUIET_ENDS:
             return False
         self._quiet_ends += 1
         return True
