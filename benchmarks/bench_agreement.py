@@ -88,6 +88,7 @@ def run_bench(target: str, model: str, concurrency: int, duration_s: float) -> d
         "p50_ms": doc["latency_ms"]["p50"],
         "p99_ms": doc["latency_ms"]["p99"],
         "cpu": (children_cpu_s() - cpu) / (time.monotonic() - wall),
+        "grpc_experiments": doc.get("grpc_experiments"),
     }
 
 
@@ -230,6 +231,9 @@ def report(results: dict) -> str:
     """The RESULTS.md section: settings, then one row per case with the ratios."""
     settings = results.get("settings", {"rounds": 3, "window_ms": 3000, "warmup_s": 5.0})
     window_ms, rounds = settings["window_ms"], settings["rounds"]
+    experiments = sorted(
+        {str(run.get("grpc_experiments")) for c in results["cases"] for run in c["salvo_bench"]}
+    )
     load = ", ".join(f"{x:.1f}" for x in results["load_average_at_start"])
     end = ", ".join(f"{x:.1f}" for x in results["load_average_at_end"])
     lines = [
@@ -243,7 +247,9 @@ def report(results: dict) -> str:
         f"`--async -b 1 -p {window_ms} -s 25 --max-trials 6` (retried with `-s 50`, then "
         "`-s 100 --max-trials 10`, when it found no stable windows). salvo bench: "
         f"`salvo bench -c N --duration-s {3 * window_ms / 1000:g} --warmup-s 1` "
-        "(as long as perf_analyzer's three stable windows).",
+        "(as long as perf_analyzer's three stable windows), its GRPC_EXPERIMENTS "
+        + ", ".join(f"`{value}`" for value in experiments)
+        + ".",
         f"Each case began with {settings['warmup_s']:g} s of unmeasured load, then ran "
         f"{rounds} rounds, perf_analyzer and salvo bench alternating "
         "which went first; the figures are the medians. Client CPU is the load generator's "

@@ -14,6 +14,9 @@ as little as it can.
     python -m salvo_client.bench -m mlp -u 127.0.0.1:8001 -c 8 --duration-s 10
     python -m salvo_client.bench -m mlp --rate 500 --seed 1 --json
     python -m salvo_client.bench -m mlp --sweep-concurrency 1,2,4,8,16 --p99-bound-ms 20
+
+Both entry points (`salvo bench` and this module) run with GRPC_EXPERIMENTS set to
+`GRPC_EXPERIMENTS` unless the caller set the variable: see there for why.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -52,6 +56,16 @@ LATE_NS = 5_000_000
 PAYLOAD_POOL = 16
 # The error name for a failure ModelStreamInfer reports in-band: it carries no status code.
 STREAM_ERROR = "STREAM_ERROR"
+GRPC_EXPERIMENTS = "-event_engine_client"
+"""What the generator's process sets GRPC_EXPERIMENTS to, unless the caller set it.
+
+grpcio's default client reads each response on an EventEngine poller thread, which wakes a
+worker thread, which wakes the caller: three threads and four futex calls a round trip. With
+`event_engine_client` off the calling thread polls its own socket, as perf_analyzer's C++
+client does, and a c=1 round trip to the bare server takes about 0.1 ms less (p50 0.62 to
+0.55 ms; RESULTS.md, "salvo bench vs perf_analyzer: reading", tenth session). grpc reads the
+variable once, when it is imported, so `salvo.cli` sets it before importing this module and
+`python -m` starts again with it set."""
 
 
 # The request `id` is prepended to each pre-serialized request as its own field: protobuf
@@ -482,9 +496,10 @@ async def _closed_loop(
 THREADED_MAX_CONCURRENCY = 4
 """`--transport auto` runs a closed loop of unary calls at most this concurrent on threads.
 
-A blocking gRPC call answers about 0.1 ms sooner than an asyncio one (Python's asyncio
-gRPC adds a loop hop each way), which is most of the gap to perf_analyzer's C++ client at
-low concurrency; above a few callers the GIL makes threads the slower choice."""
+A blocking gRPC call answers sooner than an asyncio one (Python's asyncio gRPC adds a loop
+hop each way): at c=1 against the bare server, p50 0.45 to 0.50 ms against 0.50 to 0.52
+(with GRPC_EXPERIMENTS as this module sets it, tenth session); above a few callers the GIL
+makes threads the slower choice."""
 
 
 def _closed_loop_threads(
@@ -590,7 +605,7 @@ async def _progress(window: Window, recorder: Recorder, out: TextIO, label: str)
 
 
 async def run_level(
-    channel: grpc.aio.Channel,
+    channel: grpc.aio.Channel | None,
     payloads: Sequence[bytes],
     spec: LoadSpec,
     *,
@@ -603,7 +618,7 @@ async def run_level(
     """Hold one load level (closed or open loop) and return every measured sample.
 
     With `blocking_channel`, a closed loop of unary calls runs on threads (see
-    THREADED_MAX_CONCURRENCY) instead of asyncio tasks.
+    THREADED_MAX_CONCURRENCY) instead of asyncio tasks, and `channel` may be None.
     """
     window = Window(spec.warmup_s, spec.duration_s, spec.requests)
     recorder = Recorder()
@@ -612,8 +627,13 @@ async def run_level(
     # Closed loop: one transport (one stream) per worker. Open loop: unary calls on the
     # shared channel, or one stream.
     count = (spec.concurrency or 1) if spec.rate is None else 1
-    calls: list[Transport] = [transport(channel, timeout_s) for _ in range(count)]
     stats = OpenLoopStats() if spec.rate is not None else None
+    on_threads = stats is None and blocking_channel is not None and not streaming
+    if channel is None and not on_threads:
+        raise ValueError("run_level: this load needs the asyncio channel")
+    calls: list[Transport] = (
+        [] if channel is None else [transport(channel, timeout_s) for _ in range(count)]
+    )
 
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -625,7 +645,8 @@ async def run_level(
         else None
     )
     try:
-        if stats is None and blocking_channel is not None and not streaming:
+        if on_threads:
+            assert blocking_channel is not None
             await asyncio.to_thread(
                 _closed_loop_threads, blocking_channel, count, ids, window, recorder, timeout_s
             )
@@ -1018,12 +1039,12 @@ def _validate(args: argparse.Namespace) -> str | None:
     return None
 
 
-async def _fetch_metadata(
-    channel: grpc.aio.Channel, model: str, version: str, timeout_s: float
+def _fetch_metadata(
+    channel: grpc.Channel, model: str, version: str, timeout_s: float
 ) -> pb.ModelMetadataResponse:
     stub = pb_grpc.GRPCInferenceServiceStub(channel)
     request = pb.ModelMetadataRequest(name=model, version=version)
-    response: pb.ModelMetadataResponse = await stub.ModelMetadata(request, timeout=timeout_s)
+    response: pb.ModelMetadataResponse = stub.ModelMetadata(request, timeout=timeout_s)
     return response
 
 
@@ -1036,6 +1057,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "streaming": args.streaming,
         "batch_size": args.batch_size,
         "input_data": args.input_data,
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
     }
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     with contextlib.ExitStack() as stack:
@@ -1050,14 +1072,27 @@ async def _bench(
     blocking: grpc.Channel,
 ) -> dict[str, Any]:
     shapes = parse_shapes(args.shape)
-    async with grpc.aio.insecure_channel(args.target, options=options) as channel:
+    # The asyncio channel opens only for a level that needs it: once grpc.aio has started,
+    # its poller thread takes the blocking calls' responses too, and a round trip on threads
+    # pays two more thread wake-ups (GRPC_EXPERIMENTS says why those matter).
+    async with contextlib.AsyncExitStack() as stack:
+        aio: list[grpc.aio.Channel] = []
+
+        async def aio_channel() -> grpc.aio.Channel:
+            if not aio:
+                channel = grpc.aio.insecure_channel(args.target, options=options)
+                aio.append(await stack.enter_async_context(channel))
+            return aio[0]
+
         try:
-            metadata = await _fetch_metadata(
-                channel, args.model, args.model_version, min(args.timeout_s, 30.0)
-            )
-        except grpc.aio.AioRpcError as exc:
+            metadata = await asyncio.to_thread(
+                _fetch_metadata, blocking, args.model, args.model_version,
+                min(args.timeout_s, 30.0),
+            )  # fmt: skip
+        except grpc.RpcError as exc:
             # Nothing to load-test: report the one request made, by its status, and stop.
-            status = exc.code().name
+            status = _status_name(exc)
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
             closed = args.rate is None and not args.sweep_rate
             load = {"concurrency": args.concurrency or 1} if closed else {"rate": args.rate}
             return {
@@ -1072,7 +1107,7 @@ async def _bench(
                 "latency_ms": None,
                 "timeline": [],
                 "failed_at": "ModelMetadata",
-                "error_message": f"ModelMetadata: {status}: {exc.details()}",
+                "error_message": f"ModelMetadata: {status}: {details}",
             }
         specs = resolve_inputs(metadata, args.batch_size, shapes)
         meta["inputs"] = [
@@ -1101,18 +1136,19 @@ async def _bench(
                 seed=seed,
                 max_in_flight=args.max_in_flight,
             )
+            on_threads = threaded(concurrency)
             result = await run_level(
-                channel,
+                None if on_threads else await aio_channel(),
                 payloads,
                 spec,
                 streaming=args.streaming,
                 timeout_s=args.timeout_s,
                 progress=progress,
                 label=label,
-                blocking_channel=blocking if threaded(concurrency) else None,
+                blocking_channel=blocking if on_threads else None,
             )
             doc = report(result, meta)
-            doc["transport"] = "threads" if threaded(concurrency) else "asyncio"
+            doc["transport"] = "threads" if on_threads else "asyncio"
             if result.interrupted:
                 interrupted.append(doc)
             return doc
@@ -1173,4 +1209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if "GRPC_EXPERIMENTS" not in os.environ:
+        # grpc, imported with this package, has read the environment already: start again.
+        os.environ["GRPC_EXPERIMENTS"] = GRPC_EXPERIMENTS
+        os.execv(sys.executable, [sys.executable, "-m", "salvo_client.bench", *sys.argv[1:]])
     raise SystemExit(main())

@@ -172,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["bench"] and "grpc" not in sys.modules:
+        # Before grpc is imported, which reads it once: salvo_client.bench.GRPC_EXPERIMENTS
+        # says why (the calling thread polls its own socket, as perf_analyzer's client does).
+        os.environ.setdefault("GRPC_EXPERIMENTS", "-event_engine_client")
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from typing import Any
 import grpc
 import pytest
 
-from salvo_client.bench import arrival_offsets_s, knee, main
+from salvo_client.bench import GRPC_EXPERIMENTS, arrival_offsets_s, knee, main
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 
@@ -147,6 +150,30 @@ def test_streaming_matches_answers_to_requests(demo_server, capsys):
     assert doc["requests"] == doc["successes"] == 400 and doc["errors"] == {}
     assert_consistent(doc)
     assert inference_count(demo_server.grpc_target) - before == 400
+
+
+@pytest.mark.parametrize("entry", [["salvo", "bench"], ["salvo_client.bench"]])
+@pytest.mark.parametrize("preset", [None, ""])
+def test_both_entry_points_start_grpc_polling_in_the_caller(demo_server, entry, preset):
+    # grpc reads GRPC_EXPERIMENTS once, on import: `salvo bench` sets it first, and
+    # `python -m salvo_client.bench` starts again with it set. A caller's own value stands.
+    env = {key: value for key, value in os.environ.items() if key != "GRPC_EXPERIMENTS"}
+    if preset is not None:
+        env["GRPC_EXPERIMENTS"] = preset
+    argv = ["-m", "mlp", "-u", demo_server.grpc_target, "-c", "1", "--requests", "20"]
+    done = subprocess.run(
+        [sys.executable, "-m", *entry, *argv, "--warmup-s", "0", "--json", "--quiet"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["successes"] == 20
+    assert doc["grpc_experiments"] == (GRPC_EXPERIMENTS if preset is None else preset)
+    assert "Unknown experiment" not in done.stderr  # this grpcio still has it
 
 
 def test_unknown_model_is_reported_by_status(demo_server, capsys):
