@@ -6,9 +6,10 @@ Needs perf_analyzer (`make perf-venv`) and MLServer (benchmarks/setup_mlserver.s
 target runs both). The same TorchScript files, `mlp` and `resnet` from the demo repository,
 are served by:
 
-- Salvo: `salvo serve` on the demo repository, as it comes but for
-  `dynamic_batching.hold_for_returns`: the better of `bounded` (the default) and
-  `until_quiet`, each tried first at concurrency 16 on each model, as MLServer's are;
+- Salvo: `salvo serve` on a repository of the one model measured, its demo configuration as
+  it comes but for `dynamic_batching.hold_for_returns`: the better of `bounded` (the
+  default) and `until_quiet`, each tried first at concurrency 16 on each model, as
+  MLServer's are;
 - MLServer: the custom runtime and settings in benchmarks/mlserver, adaptive batching on, in
   the best of a few configurations, each tried first at concurrency 16 on each model;
 - for `mlp`, benchmarks/bare_server.py: a precomputed answer, the most Python gRPC allows,
@@ -212,13 +213,13 @@ SALVO_POLICIES = ("bounded", "until_quiet")
 """Salvo's candidates: `dynamic_batching.hold_for_returns` for every batched model."""
 
 
-def salvo_repo(root: Path, repo: Path, policy: str) -> Path:
-    """The demo repository with every batched model holding for returns by `policy`."""
-    out = root / f"salvo-{policy}"
+def salvo_repo(root: Path, repo: Path, policy: str, model: str) -> Path:
+    """A repository of `model` alone, from the demo's, holding for returns by `policy`: one
+    model, as MLServer and the bare server serve."""
+    out = root / f"salvo-{model}-{policy}"
     if not out.exists():
-        shutil.copytree(repo, out)
-        for config in out.glob("*/config.yaml"):
-            set_hold_for_returns(config, policy)
+        shutil.copytree(repo / model, out / model)
+        set_hold_for_returns(out / model / "config.yaml", policy)
     return out
 
 
@@ -226,7 +227,7 @@ def tune_salvo(root: Path, repo: Path, model: str, window_ms: int) -> dict[str, 
     """Each Salvo candidate at concurrency HEADLINE on `model`."""
     tried = {}
     for policy in SALVO_POLICIES:
-        with ServerProcess(salvo_repo(root, repo, policy)) as server:
+        with ServerProcess(salvo_repo(root, repo, policy, model)) as server:
             m = point(server.grpc_target, model, HEADLINE, window_ms, streaming=False)
         show(f"tune {model} Salvo {policy}", HEADLINE, m)
         tried[policy] = m
@@ -288,6 +289,7 @@ def run(args) -> dict:
         "load_start": os.getloadavg(),
         "window_ms": args.window_ms,
         "rounds": args.rounds,
+        "salvo_alone": True,  # Salvo serves the measured model alone (before: all the demo's)
         "models": {},
     }
     log(f"measuring {results['commit']}; load average {results['load_start']}")
@@ -307,7 +309,7 @@ def run(args) -> dict:
             salvo_tried = tune_salvo(root, repo, model, args.window_ms)
             policy = max(salvo_tried, key=lambda k: salvo_tried[k].get("throughput", 0.0))
             with ExitStack() as stack:
-                salvo = stack.enter_context(ServerProcess(salvo_repo(root, repo, policy)))
+                salvo = stack.enter_context(ServerProcess(salvo_repo(root, repo, policy, model)))
                 peer = stack.enter_context(mlserver(root, repo, model, chosen))
                 contestants = [("Salvo", salvo.grpc_target, False)]
                 contestants.append(("MLServer", peer.grpc_target, False))
@@ -461,7 +463,9 @@ def report(results: dict) -> str:
     lines = [
         f"Command: `make bench-compare` (`python benchmarks/compare.py`), {results['date']}.",
         f"Machine: {results['machine']}; load average (1, 5, 15 min) {load} (shared machine).",
-        f"Salvo measured at commit {results['commit']}, with the demo repository's configs"
+        f"Salvo measured at commit {results['commit']}, "
+        + ("serving the measured model alone, " if results.get("salvo_alone") else "")
+        + "with the demo repository's configs"
         + (
             " and the better `dynamic_batching.hold_for_returns` at concurrency "
             f"{HEADLINE} (below; the default is `bounded`)."
