@@ -1059,7 +1059,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "input_data": args.input_data,
         "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS"),
     }
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    options = [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+        # Every failure is counted by its status, never retried out of sight (grpc retries
+        # some by itself); without the retry filter a call also costs about 15 us less.
+        ("grpc.enable_retries", 0),
+    ]
     with contextlib.ExitStack() as stack:
         blocking = stack.enter_context(grpc.insecure_channel(args.target, options=options))
         return await _bench(args, meta, options, blocking)
