@@ -62,8 +62,9 @@ GRPC_EXPERIMENTS = "-event_engine_client"
 grpcio's default client reads each response on an EventEngine poller thread, which wakes a
 worker thread, which wakes the caller: three threads and four futex calls a round trip. With
 `event_engine_client` off the calling thread polls its own socket, as perf_analyzer's C++
-client does, and a c=1 round trip to the bare server takes about 0.1 ms less (p50 0.62 to
-0.55 ms; RESULTS.md, "salvo bench vs perf_analyzer: reading", tenth session). grpc reads the
+client does, and a c=1 round trip to the bare server takes about 0.1 ms less (p50 medians
+0.70 and 0.60 ms; RESULTS.md, "salvo bench vs perf_analyzer: reading", tenth session). A
+grpc.aio channel in the same process brings the hops back. grpc reads the
 variable once, when it is imported, so `salvo.cli` sets it before importing this module and
 `python -m` starts again with it set."""
 
