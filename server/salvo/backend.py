@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
+import math
 import time
 import warnings
 import zipfile
@@ -26,6 +28,8 @@ import torch
 from .config import ModelConfig
 from .datatypes import DATATYPES
 from .errors import ConfigError, ModelFailed, Overloaded, SalvoError
+
+log = logging.getLogger(__name__)
 
 MODEL_FILES = ("model.pt", "model.pt2")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".bin", ".joblib", ".ckpt")
@@ -194,6 +198,10 @@ class LoadedModel:
         self.largest_batch_ns: int | None = None
         """How long the largest batch took at warm-up, once warm (on one thread on the CPU,
         as the event loop runs it); None without warm-up."""
+        self._instances: list[_CudaInstance] = []
+        """On CUDA, one per instance: its stream, pinned buffers and graphs."""
+        if device.type == "cuda":
+            self._instances = [_CudaInstance(self) for _ in range(config.instance_count)]
 
     @classmethod
     def load(cls, config: ModelConfig, version_dir: Path) -> LoadedModel:
@@ -213,9 +221,19 @@ class LoadedModel:
             raise
         except Exception as exc:  # torch's loaders raise many types; the message is what matters
             raise ConfigError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
+        if config.optimization.compile and path.suffix != ".pt2":
+            raise ConfigError(
+                f"{path}: optimization.compile needs a torch.export model (model.pt2); "
+                "TorchScript runs on its own JIT"
+            )
         model = cls(config, path, _optimized(module, config), device)
-        if config.optimization.warmup:
-            model.warm_up()
+        if config.optimization.warmup or config.optimization.compile:
+            model.warm_up()  # also compiles, so that no request waits for it
+        if device.type == "cuda" and config.optimization.cuda_graphs:
+            for instance in model._instances:
+                instance.capture_graphs()
+        elif config.optimization.cuda_graphs:
+            log.info("model '%s': optimization.cuda_graphs applies on CUDA only", config.name)
         return model
 
     def warm_up(self) -> None:
@@ -256,11 +274,12 @@ class LoadedModel:
         except SalvoError as exc:
             raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
 
-    def assemble(self, requests: Sequence[Sequence[np.ndarray]]) -> list[Any]:
+    def assemble(self, requests: Sequence[Sequence[np.ndarray]], instance: int = 0) -> list[Any]:
         """One contiguous buffer per input, from several requests' arrays (config order).
 
-        On the CPU these are numpy arrays. On CUDA they are pinned host tensors, so that
-        each input crosses to the device in one asynchronous copy.
+        On the CPU these are numpy arrays. On CUDA they are views of `instance`'s pinned
+        host buffers, reused batch after batch, so that each input crosses to the device in
+        one asynchronous copy; they stay valid until that instance's next batch.
         """
         if len(requests) == 1 and self.device.type == "cpu":
             return list(requests[0])
@@ -273,7 +292,7 @@ class LoadedModel:
             rows = sum(part.shape[0] for part in parts) if self.config.max_batch_size else 0
             shape = (rows, *parts[0].shape[1:]) if rows else parts[0].shape
             dtype = torch.from_numpy(np.empty(0, parts[0].dtype)).dtype
-            buffer = torch.empty(shape, dtype=dtype, pin_memory=True)
+            buffer = self._instances[instance].staging(("in", i), shape, dtype)
             if len(parts) == 1:
                 buffer.numpy()[...] = parts[0]
             else:
@@ -281,12 +300,15 @@ class LoadedModel:
             buffers.append(buffer)
         return buffers
 
-    def run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], Timings]:
+    def run(self, inputs: Sequence[Any], instance: int = 0) -> tuple[list[np.ndarray], Timings]:
         """Run one forward pass on `inputs` (config input order); outputs in config order.
+        On CUDA it runs on `instance`'s stream (and its graphs, where captured).
 
-        Raises ModelFailed when the model raises or returns the wrong number, dtype or rows.
+        Raises ModelFailed when the model raises or returns the wrong number, dtype or rows,
+        Overloaded when the batch runs out of device memory.
         """
-        name = self.config.name
+        if self._instances:
+            return self._instances[instance].run(inputs)
         t0 = time.perf_counter_ns()
         with warnings.catch_warnings():
             # Raw request buffers are read-only; the model never writes to its inputs.
@@ -299,26 +321,33 @@ class LoadedModel:
         try:
             with torch.inference_mode():
                 raw = self.module(*tensors)
-                if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
-        except torch.cuda.OutOfMemoryError:
-            # This batch did not fit; smaller ones may. Free the allocator's cache for them.
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            rows = inputs[0].shape[0] if inputs and self.config.max_batch_size else 1
-            raise Overloaded(
-                f"model '{name}' ran out of device memory on a batch of {rows} rows",
-                retry_after_ms=100,
-            ) from None
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelFailed(f"model '{name}' raised {type(exc).__name__}: {first}") from None
+            raise self._failure(exc, inputs) from None
         t2 = time.perf_counter_ns()
-        outputs = self._collect(raw, inputs)
+        outputs = [_to_numpy(value) for value in self._collect(raw, _rows(self.config, inputs))]
         t3 = time.perf_counter_ns()
         return outputs, Timings(t1 - t0, t2 - t1, t3 - t2)
 
-    def _collect(self, raw: Any, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def _failure(self, exc: Exception, inputs: Sequence[Any]) -> SalvoError:
+        """What a forward pass that raised `exc` answers: Overloaded for running out of
+        device memory (the allocator's cache freed for smaller batches), else ModelFailed."""
+        name = self.config.name
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows = inputs[0].shape[0] if inputs and self.config.max_batch_size else 1
+            return Overloaded(
+                f"model '{name}' ran out of device memory on a batch of {rows} rows",
+                retry_after_ms=100,
+            )
+        if isinstance(exc, SalvoError):
+            return exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ModelFailed(f"model '{name}' raised {type(exc).__name__}: {first}")
+
+    def _collect(self, raw: Any, rows: int | None) -> list[torch.Tensor]:
+        """The model's outputs as tensors in config order and declared datatypes, checked
+        against the config (`rows` per output where the model batches). Raises ModelFailed."""
         name = self.config.name
         specs = self.config.outputs
         if isinstance(raw, torch.Tensor):
@@ -336,8 +365,7 @@ class LoadedModel:
             raise ModelFailed(
                 f"model '{name}' returned {len(values)} outputs, its config declares {len(specs)}"
             )
-        rows = inputs[0].shape[0] if self.config.max_batch_size > 0 and inputs else None
-        arrays = []
+        tensors = []
         for value, spec in zip(values, specs, strict=True):
             if not isinstance(value, torch.Tensor):
                 raise ModelFailed(f"model '{name}' output '{spec.name}' is not a tensor")
@@ -355,8 +383,8 @@ class LoadedModel:
                     f"model '{name}' output '{spec.name}': expected {rows} rows, one per "
                     f"input row, got {got}"
                 )
-            arrays.append(_to_numpy(value))
-        return arrays
+            tensors.append(value)
+        return tensors
 
     def _prepared(self, tensor: torch.Tensor) -> torch.Tensor:
         """An input in the model's precision and memory layout."""
@@ -368,20 +396,193 @@ class LoadedModel:
 
 
 def _optimized(module: Any, config: ModelConfig) -> Any:
-    """The loaded module in the configured precision and layout (converted once, here)."""
+    """The loaded module in the configured precision and layout (converted once, here),
+    compiled where asked (compiled by its first passes: the warm-up's)."""
     dtype = PRECISIONS[config.optimization.precision]
     if dtype is not None:
         module = module.to(dtype)
     if config.optimization.channels_last:
         module = module.to(memory_format=torch.channels_last)
+    if config.optimization.compile:
+        module = torch.compile(module)
     return module
+
+
+def _rows(config: ModelConfig, inputs: Sequence[Any]) -> int | None:
+    """A batch's rows, or None for a model without a batch dimension."""
+    return inputs[0].shape[0] if config.max_batch_size > 0 and inputs else None
+
+
+def _graph_buckets(config: ModelConfig) -> list[int | None]:
+    """The batch sizes that get a CUDA graph, largest first: powers of two up to
+    max_batch_size, each preferred size and the maximum ([None] without batching)."""
+    largest = config.max_batch_size
+    if not largest:
+        return [None]
+    sizes = {1 << k for k in range(largest.bit_length()) if 1 << k <= largest} | {largest}
+    if config.dynamic_batching is not None:
+        sizes |= {n for n in config.dynamic_batching.preferred_batch_sizes if n <= largest}
+    return [*sorted(sizes, reverse=True)]
+
+
+@dataclass(frozen=True, slots=True)
+class _Graph:
+    """One captured forward pass: replaying `graph` reads `inputs` and writes `outputs`,
+    all on the device, all `rows` rows (None: no batch dimension)."""
+
+    rows: int | None
+    graph: torch.cuda.CUDAGraph
+    inputs: list[torch.Tensor]
+    outputs: list[torch.Tensor]
+
+
+class _CudaInstance:
+    """One instance of a model on a CUDA device: its own stream, pinned host buffers for
+    inputs and outputs (grown to fit, never shrunk, reused batch after batch) and, with
+    `optimization.cuda_graphs`, one graph per batch size bucket.
+
+    An instance runs one batch at a time (its scheduler thread), so nothing here is locked:
+    a batch's copies have finished when `run` returns, and only then does the instance's
+    next `assemble` write into the buffers again.
+    """
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self.stream = torch.cuda.Stream(model.device)
+        self.graphs: dict[int | None, _Graph] = {}
+        self._pinned: dict[tuple[str, int], torch.Tensor] = {}
+        config = model.config
+        rows = (config.max_batch_size,) if config.max_batch_size else ()
+        for kind, specs in (("in", config.inputs), ("out", config.outputs)):
+            for i, spec in enumerate(specs):
+                if all(d >= 0 for d in spec.dims):
+                    dtype = (
+                        _host_dtype(spec.datatype) if kind == "in" else TORCH_DTYPES[spec.datatype]
+                    )
+                    self.staging((kind, i), (*rows, *spec.dims), dtype)
+
+    def staging(
+        self, key: tuple[str, int], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A pinned host tensor of `shape` for input or output `key`, in the buffer kept
+        for it (a larger one replaces it when a batch needs more)."""
+        count = math.prod(shape)
+        buffer = self._pinned.get(key)
+        if buffer is None or buffer.dtype != dtype or buffer.numel() < count:
+            buffer = torch.empty(max(count, 1), dtype=dtype, pin_memory=True)
+            self._pinned[key] = buffer
+        return buffer[:count].view(shape)
+
+    def capture_graphs(self) -> None:
+        """Capture a graph per bucket (`_graph_buckets`), largest first, so that the smaller
+        ones reuse its memory from one pool. Raises ConfigError naming the model and the
+        batch size if the forward pass cannot be captured."""
+        model = self.model
+        pool = torch.cuda.graph_pool_handle()
+        for rows in _graph_buckets(model.config):
+            batch = () if rows is None else (rows,)
+            try:
+                with torch.cuda.stream(self.stream), torch.inference_mode():
+                    static = [
+                        torch.zeros(
+                            (*batch, *spec.dims), dtype=TORCH_DTYPES[spec.datatype],
+                            device=model.device,
+                        )
+                        for spec in model.config.inputs
+                    ]  # fmt: skip
+                    for _ in range(3):  # warm on this stream: kernels chosen, JIT settled
+                        model.module(*[model._prepared(t) for t in static])
+                self.stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with (
+                    torch.inference_mode(),
+                    torch.cuda.graph(
+                        graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
+                    ),
+                ):
+                    raw = model.module(*[model._prepared(t) for t in static])
+                    outputs = model._collect(raw, rows)
+            except Exception as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"{model.path}: cannot capture a CUDA graph at batch size {rows}: "
+                    f"{type(exc).__name__}: {first}"
+                ) from None
+            self.graphs[rows] = _Graph(rows, graph, static, outputs)
+
+    def graph_for(self, rows: int | None) -> _Graph | None:
+        """The graph of the smallest bucket that holds `rows`, if any was captured."""
+        if rows is None:
+            return self.graphs.get(None)
+        fits = [g for g in self.graphs.values() if g.rows is not None and g.rows >= rows]
+        return min(fits, key=lambda g: g.rows or 0, default=None)
+
+    def run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], Timings]:
+        """`LoadedModel.run` on this instance: copies in on its stream, the graph replayed
+        (or the module called), copies out into pinned buffers, and one synchronisation,
+        where the outputs are read."""
+        model = self.model
+        rows = _rows(model.config, inputs)
+        specs = model.config.inputs
+        t0 = time.perf_counter_ns()
+        try:
+            with (
+                torch.cuda.stream(self.stream),
+                torch.inference_mode(),
+                warnings.catch_warnings(),
+            ):
+                # Raw request buffers are read-only; the model never writes to its inputs.
+                warnings.simplefilter("ignore", UserWarning)
+                graph = self.graph_for(rows)
+                if graph is not None:
+                    for static, array, spec in zip(graph.inputs, inputs, specs, strict=True):
+                        host = _host_tensor(array, spec.datatype)
+                        if rows is None or rows == graph.rows:
+                            static.copy_(host, non_blocking=True)
+                        else:
+                            static[:rows].copy_(host, non_blocking=True)
+                            static[rows:].zero_()  # padding: its outputs are dropped
+                    t1 = time.perf_counter_ns()
+                    graph.graph.replay()
+                    values = [o if rows is None else o[:rows] for o in graph.outputs]
+                else:
+                    tensors = [
+                        model._prepared(_to_torch(array, spec.datatype, model.device))
+                        for array, spec in zip(inputs, specs, strict=True)
+                    ]
+                    t1 = time.perf_counter_ns()
+                    values = model._collect(model.module(*tensors), rows)
+                hosts = []
+                for j, value in enumerate(values):
+                    host = self.staging(("out", j), tuple(value.shape), value.dtype)
+                    host.copy_(value, non_blocking=True)
+                    hosts.append(host)
+                self.stream.synchronize()
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                self.stream.synchronize()  # no copy may still read or write the buffers
+            raise model._failure(exc, inputs) from None
+        t2 = time.perf_counter_ns()
+        outputs = [_to_numpy(host).copy() for host in hosts]  # the buffers are reused
+        t3 = time.perf_counter_ns()
+        return outputs, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+
+def _host_dtype(datatype: str) -> torch.dtype:
+    """The dtype of the host tensor that carries a request's array of `datatype` (BF16
+    travels as its 16 bits)."""
+    return torch.uint16 if datatype == "BF16" else TORCH_DTYPES[datatype]
+
+
+def _host_tensor(array: Any, datatype: str) -> torch.Tensor:
+    """A request's array (or an assembled pinned tensor) as a host tensor of `datatype`."""
+    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
+    return tensor.view(torch.bfloat16) if datatype == "BF16" else tensor
 
 
 def _to_torch(array: Any, datatype: str, device: torch.device) -> torch.Tensor:
     """A request's array (or an assembled pinned tensor) as a tensor on `device`."""
-    tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(array)
-    if datatype == "BF16":
-        tensor = tensor.view(torch.bfloat16)
+    tensor = _host_tensor(array, datatype)
     return tensor.to(device, non_blocking=True) if device.type != "cpu" else tensor
 
 

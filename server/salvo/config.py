@@ -9,6 +9,7 @@ batching), written in Salvo's own compact YAML. Every error names the file and t
     device: auto          # auto | cpu | cuda | cuda:N
     instance_count: 1
     optimization: {precision: fp16, channels_last: true}   # fp32 | fp16 | bf16
+    # optimization.cuda_graphs, optimization.compile: off unless asked for
     # optimization.execution: auto | thread | loop (where batches run)
 """
 
@@ -109,6 +110,15 @@ class OptimizationConfig(_Strict):
     warmup: bool = True
     """Run a forward pass of zeros at load at batch size 1, each preferred size and the
     maximum, so the first requests pay no kernel selection or allocation."""
+    cuda_graphs: bool = False
+    """On CUDA: capture each instance's forward pass as a CUDA graph at load, one per batch
+    size bucket (powers of two up to `max_batch_size`, each preferred size and the maximum),
+    and replay it: one launch a batch instead of one per kernel. A batch runs in the
+    smallest bucket that holds it, padded with zero rows whose outputs are dropped. Needs
+    every input's dims fixed (no -1). Ignored on the CPU."""
+    compile: bool = False
+    """Run the model through `torch.compile` (TorchInductor), compiled at load by the
+    warm-up passes. torch.export models (`model.pt2`) only: TorchScript has its own JIT."""
     execution: Literal["auto", "thread", "loop"] = "auto"
     """Where batches run. `thread`: on the instance's own thread, so the event loop serves
     other calls meanwhile. `loop`: on the event loop itself, which saves the two thread
@@ -176,6 +186,17 @@ class ModelConfig(_Strict):
                 "optimization.execution 'loop' runs one batch at a time: instance_count must "
                 f"be 1, got {self.instance_count}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _graphs_need_fixed_dims(self) -> ModelConfig:
+        if self.optimization.cuda_graphs:
+            for spec in self.inputs:
+                if any(d < 0 for d in spec.dims):
+                    raise ValueError(
+                        f"optimization.cuda_graphs needs fixed input dims: input "
+                        f"{spec.name!r} has dims {list(spec.dims)}"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -315,7 +315,7 @@ class Scheduler:
         outcome: _Ran | Exception
         try:
             with one_torch_thread():
-                outcome = self._run_batch(batch)
+                outcome = self._run_batch(batch, instance)
         except Exception as exc:
             outcome = exc
         self._settle(instance, batch, start, outcome)
@@ -342,7 +342,9 @@ class Scheduler:
         start = time.monotonic_ns()
         outcome: _Ran | Exception | None = None  # None: this task was cancelled
         try:
-            outcome = await loop.run_in_executor(self._executors[instance], self._run_batch, batch)
+            outcome = await loop.run_in_executor(
+                self._executors[instance], self._run_batch, batch, instance
+            )
         except Exception as exc:
             outcome = exc
         finally:
@@ -429,8 +431,8 @@ class Scheduler:
         if any(p.span is not None for p in probes):
             telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
-    def _run_batch(self, batch: list[Entry]) -> _Ran:
-        """On an instance's worker thread, or the loop: assemble, run, return the outputs."""
+    def _run_batch(self, batch: list[Entry], instance: int) -> _Ran:
+        """On `instance`'s worker thread, or the loop: assemble, run, return the outputs."""
         with self._claim:
             ran = [e for e in batch if not e.cancelled]
             for entry in ran:
@@ -438,9 +440,9 @@ class Scheduler:
         if not ran:
             return ran, [], Timings(0, 0, 0)
         start = time.perf_counter_ns()
-        inputs = self.model.assemble([_request(e).inputs for e in ran])
+        inputs = self.model.assemble([_request(e).inputs for e in ran], instance)
         assembled = time.perf_counter_ns() - start
-        outputs, timings = self.model.run(inputs)
+        outputs, timings = self.model.run(inputs, instance)
         return (
             ran,
             outputs,

@@ -6,15 +6,19 @@ Skipped where there is no GPU; run on a GPU machine with `benchmarks/gpu_check.s
 from __future__ import annotations
 
 import queue
+import shutil
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
+from prometheus_client.parser import text_string_to_metric_families
 
 from salvo.backend import LoadedModel
-from salvo.config import load_config
-from tests.servers import InProcessServer
+from salvo.config import ModelConfig, load_config
+from tests.servers import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -27,6 +31,11 @@ SHAPES = {"digits": (8, 8), "mlp": (64,), "resnet": (3, 64, 64)}
 
 def _inputs(model: str, rows: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 1, (rows, *SHAPES[model])).astype(np.float32)
+
+
+def _on_cuda(config: ModelConfig, **optimization: object) -> ModelConfig:
+    update = config.optimization.model_copy(update=optimization)
+    return config.model_copy(update={"device": "cuda", "optimization": update})
 
 
 @pytest.mark.parametrize("model", sorted(SHAPES))
@@ -42,11 +51,101 @@ def test_model_on_cuda_matches_cpu(demo_repo, model):
         np.testing.assert_allclose(g, w, **TOLERANCE)
 
 
-def test_assembled_inputs_are_pinned(demo_repo):
-    config = load_config(demo_repo / "mlp").model_copy(update={"device": "cuda"})
+def test_assembled_inputs_are_pinned_and_reused_per_instance(demo_repo):
+    config = load_config(demo_repo / "mlp").model_copy(
+        update={"device": "cuda", "instance_count": 2}
+    )
     model = LoadedModel.load(config, demo_repo / "mlp" / "1")
-    (buffer,) = model.assemble([[_inputs("mlp", 2)], [_inputs("mlp", 3, seed=1)]])
-    assert isinstance(buffer, torch.Tensor) and buffer.is_pinned() and buffer.shape == (5, 64)
+    (first,) = model.assemble([[_inputs("mlp", 2)], [_inputs("mlp", 3, seed=1)]])
+    assert isinstance(first, torch.Tensor) and first.is_pinned() and first.shape == (5, 64)
+    np.testing.assert_array_equal(first.numpy()[2:], _inputs("mlp", 3, seed=1))
+    (again,) = model.assemble([[_inputs("mlp", 7, seed=2)]])
+    assert again.data_ptr() == first.data_ptr()  # the same pinned buffer, no allocation
+    (other,) = model.assemble([[_inputs("mlp", 7, seed=2)]], instance=1)
+    assert other.is_pinned() and other.data_ptr() != first.data_ptr()
+    # Each instance runs on a stream of its own, not the default stream.
+    streams = {i.stream.cuda_stream for i in model._instances}
+    assert len(streams) == 2 and torch.cuda.default_stream().cuda_stream not in streams
+    # Outputs are copies: the next batch through the same buffers leaves them alone.
+    (out,), _ = model.run(model.assemble([[_inputs("mlp", 4, seed=3)]]))
+    kept = out.copy()
+    model.run(model.assemble([[_inputs("mlp", 4, seed=4)]]))
+    np.testing.assert_array_equal(out, kept)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_cuda_graphs_answer_like_eager_at_every_batch_size(demo_repo, precision):
+    config = load_config(demo_repo / "resnet")
+    eager = LoadedModel.load(_on_cuda(config, precision=precision), demo_repo / "resnet" / "1")
+    graphed = LoadedModel.load(
+        _on_cuda(config, precision=precision, cuda_graphs=True), demo_repo / "resnet" / "1"
+    )
+    (instance,) = graphed._instances
+    assert sorted(instance.graphs) == [1, 2, 4, 8, 16, 32]  # max_batch_size 32
+    # Largest first, then fewer rows than the bucket holds: the padding must not leak in.
+    for seed, rows in enumerate((32, 3, 17, 1, 8, 5)):
+        x = _inputs("resnet", rows, seed=seed)
+        assert instance.graph_for(rows).rows >= rows
+        (got,), _ = graphed.run(graphed.assemble([[x]]))
+        (want,), _ = eager.run(eager.assemble([[x]]))
+        assert got.shape == (rows, 10)
+        np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+def test_server_with_graphs_and_two_instances_answers_concurrent_callers(demo_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(demo_repo / "resnet", repo / "resnet")
+    config = repo / "resnet" / "config.yaml"
+    config.write_text(
+        config.read_text() + "device: cuda\ninstance_count: 2\noptimization: {cuda_graphs: true}\n"
+    )
+    reference = LoadedModel.load(
+        load_config(demo_repo / "resnet").model_copy(update={"device": "cpu"}),
+        demo_repo / "resnet" / "1",
+    )
+
+    def call(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = 1 + seed % 5
+        x = _inputs("resnet", rows, seed=seed)
+        tensor = tc.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x)
+        with tc.InferenceServerClient(server.grpc_target) as client:
+            return x, client.infer("resnet", [tensor]).as_numpy("output")
+
+    with InProcessServer(repo) as server:
+        loaded = server.server.models.get("resnet").model
+        assert len(loaded._instances) == 2 and all(i.graphs for i in loaded._instances)
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(call, range(96)))
+    for x, got in answers:
+        (want,), _ = reference.run([x])
+        np.testing.assert_allclose(got, want, **TOLERANCE)
+
+
+def test_compiled_model_on_cuda_matches_the_cpu(demo_repo):
+    config = load_config(demo_repo / "digits")
+    compiled = LoadedModel.load(_on_cuda(config, compile=True), demo_repo / "digits" / "1")
+    reference = LoadedModel.load(
+        config.model_copy(update={"device": "cpu"}), demo_repo / "digits" / "1"
+    )
+    assert isinstance(compiled.module, torch._dynamo.eval_frame.OptimizedModule)
+    for rows in (1, 5, 64):
+        x = _inputs("digits", rows, seed=rows)
+        got, _ = compiled.run(compiled.assemble([[x]]))
+        want, _ = reference.run([x])
+        np.testing.assert_allclose(got[0], want[0], **TOLERANCE)
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_device_memory_reaches_prometheus(demo_repo):
+    with ServerProcess(demo_repo, "--torch-threads", "1") as server:
+        url = f"http://127.0.0.1:{server.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            families = text_string_to_metric_families(reply.read().decode())
+        samples = {(s.name, s.labels.get("device")): s.value for f in families for s in f.samples}
+    allocated = samples[("salvo_cuda_memory_allocated_bytes", "cuda:0")]
+    reserved = samples[("salvo_cuda_memory_reserved_bytes", "cuda:0")]
+    assert 0 < allocated <= reserved  # the demo models' weights, at least
 
 
 def test_server_batches_on_cuda_and_answers_like_the_cpu(demo_repo):
@@ -106,15 +205,25 @@ def test_a_batch_that_exhausts_device_memory_fails_alone(demo_repo):
 
     config = load_config(demo_repo / "mlp").model_copy(update={"device": "cuda"})
     model = LoadedModel.load(config, demo_repo / "mlp" / "1")
-    free, _ = torch.cuda.mem_get_info()
-    hog = None
+    torch.cuda.empty_cache()  # warm-up's cached blocks would let the next batch fit
+    hogs = []
     try:
-        # Leave less than one batch's activations free: the next forward pass cannot fit.
-        hog = torch.empty(max(free - (1 << 20), 0), dtype=torch.uint8, device="cuda")
+        # Take every free byte, in ever smaller pieces down to the allocator's smallest
+        # block, on the default stream and then on the instance's own: the allocator keeps
+        # each stream's free blocks for that stream, and a hog on the default stream alone
+        # left the instance's partly used segments room for the next batch (on an H200).
+        for stream in (torch.cuda.current_stream(), model._instances[0].stream):
+            with torch.cuda.stream(stream):
+                for size in (1 << 30, 1 << 26, 1 << 22, 1 << 20, 1 << 16, 1 << 12, 512):
+                    while True:
+                        try:
+                            hogs.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+                        except torch.cuda.OutOfMemoryError:
+                            break
         with pytest.raises(Overloaded, match="ran out of device memory"):
             model.run(model.assemble([[_inputs("mlp", model.config.max_batch_size)]]))
     finally:
-        del hog
+        hogs.clear()
         torch.cuda.empty_cache()
     (out,), _ = model.run(model.assemble([[_inputs("mlp", 2)]]))  # and the next one runs
     assert out.shape[0] == 2

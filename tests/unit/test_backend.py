@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.export.pt2_archive._package  # noqa: F401  (import before pickle is patched)
 
-from salvo.backend import LoadedModel
+from salvo.backend import LoadedModel, _graph_buckets
 from salvo.config import DynamicBatchingConfig, ModelConfig, OptimizationConfig, TensorConfig
 from salvo.errors import ConfigError, ModelFailed, Overloaded
 
@@ -242,3 +242,32 @@ def test_bf16_roundtrip(tmp_path):
     (out,), _ = model.run([bits])
     values = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).float().tolist()
     assert values == [[3.0, -6.0]]
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "preferred", "buckets"),
+    [
+        (32, (), [32, 16, 8, 4, 2, 1]),
+        (12, (6, 12), [12, 8, 6, 4, 2, 1]),
+        (1, (), [1]),
+        (0, (), [None]),
+    ],
+)
+def test_cuda_graph_buckets_cover_every_batch_size(max_batch_size, preferred, buckets):
+    config = CONFIG.model_copy(
+        update={
+            "max_batch_size": max_batch_size,
+            "dynamic_batching": DynamicBatchingConfig(preferred_batch_sizes=preferred),
+        }
+    )
+    assert _graph_buckets(config) == buckets
+
+
+def test_compile_is_refused_for_torchscript_naming_the_file(tmp_path):
+    path = save_script(tmp_path / "1")
+    config = CONFIG.model_copy(update={"optimization": OptimizationConfig(compile=True)})
+    with pytest.raises(
+        ConfigError, match="optimization.compile needs a torch.export model"
+    ) as info:
+        LoadedModel.load(config, tmp_path / "1")
+    assert str(path) in str(info.value)

@@ -58,6 +58,11 @@ def test_json_config_parses(tmp_path):
             None,
         ),
         ("- just\n- a list\n", None, "mapping"),
+        (
+            GOOD.replace("[4]", "[-1]") + "optimization: {cuda_graphs: true}\n",
+            None,
+            "optimization.cuda_graphs needs fixed input dims: input 'x' has dims [-1]",
+        ),
     ],
 )
 def test_errors_name_file_and_field(tmp_path, text, field, words):
