@@ -357,9 +357,16 @@ class Telemetry:
         )
         meter.create_observable_gauge(
             "salvo.cuda.memory.allocated",
-            [_cuda_memory],
+            [_cuda_memory("memory_allocated")],
             unit="By",
             description="CUDA memory held by tensors, per device",
+        )
+        meter.create_observable_gauge(
+            "salvo.cuda.memory.reserved",
+            [_cuda_memory("memory_reserved")],
+            unit="By",
+            description="CUDA memory held by torch's caching allocator (tensors, cached "
+            "blocks, CUDA graphs' pools), per device",
         )
         self._log_tokens = access_logs_per_s
         self._log_rate = access_logs_per_s
@@ -562,13 +569,19 @@ class Telemetry:
         self.meter_provider.shutdown(timeout_millis=timeout_s * 500)
 
 
-def _cuda_memory(options: CallbackOptions) -> Iterable[Observation]:
-    import sys
+def _cuda_memory(what: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    """A callback observing `torch.cuda.<what>(device)` for each device, where torch is
+    loaded and sees CUDA (never importing torch itself)."""
 
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
-        return []
-    return [
-        Observation(torch.cuda.memory_allocated(i), {"device": f"cuda:{i}"})
-        for i in range(torch.cuda.device_count())
-    ]
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        import sys
+
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return []
+        read = getattr(torch.cuda, what)
+        return [
+            Observation(read(i), {"device": f"cuda:{i}"}) for i in range(torch.cuda.device_count())
+        ]
+
+    return observe
