@@ -31,6 +31,14 @@ from .errors import ConfigError, ModelFailed, Overloaded, SalvoError
 
 log = logging.getLogger(__name__)
 
+# Request arrays are views of the request's read-only bytes, and torch warns (once) that it
+# cannot mark a tensor read-only; the model never writes to its inputs. Filtered here, once,
+# rather than around every batch: a `warnings.catch_warnings` block a batch cost the event
+# loop a filter-list copy and rebuild each time, and is not thread-safe across instances.
+warnings.filterwarnings(
+    "ignore", message="The given NumPy array is not writable", category=UserWarning
+)
+
 MODEL_FILES = ("model.pt", "model.pt2")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".bin", ".joblib", ".ckpt")
 _PICKLE_MAGIC = (b"\x80", b"(", b"]", b"}")  # protocol 2+ opcode, and protocol 0/1 openers
@@ -310,13 +318,10 @@ class LoadedModel:
         if self._instances:
             return self._instances[instance].run(inputs)
         t0 = time.perf_counter_ns()
-        with warnings.catch_warnings():
-            # Raw request buffers are read-only; the model never writes to its inputs.
-            warnings.simplefilter("ignore", UserWarning)
-            tensors = [
-                self._prepared(_to_torch(array, spec.datatype, self.device))
-                for array, spec in zip(inputs, self.config.inputs, strict=True)
-            ]
+        tensors = [
+            self._prepared(_to_torch(array, spec.datatype, self.device))
+            for array, spec in zip(inputs, self.config.inputs, strict=True)
+        ]
         t1 = time.perf_counter_ns()
         try:
             with torch.inference_mode():
@@ -526,13 +531,7 @@ class _CudaInstance:
         specs = model.config.inputs
         t0 = time.perf_counter_ns()
         try:
-            with (
-                torch.cuda.stream(self.stream),
-                torch.inference_mode(),
-                warnings.catch_warnings(),
-            ):
-                # Raw request buffers are read-only; the model never writes to its inputs.
-                warnings.simplefilter("ignore", UserWarning)
+            with torch.cuda.stream(self.stream), torch.inference_mode():
                 graph = self.graph_for(rows)
                 if graph is not None:
                     for static, array, spec in zip(graph.inputs, inputs, specs, strict=True):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from unittest import mock
@@ -271,3 +273,26 @@ def test_compile_is_refused_for_torchscript_naming_the_file(tmp_path):
     ) as info:
         LoadedModel.load(config, tmp_path / "1")
     assert str(path) in str(info.value)
+
+
+def test_read_only_request_arrays_run_with_user_warnings_as_errors(tmp_path):
+    """Request arrays are read-only views of the request's bytes, and torch warns about
+    them (once a process: hence a fresh interpreter, where no other test warned first)."""
+    save_script(tmp_path / "1")
+    script = f"""
+from pathlib import Path
+import numpy as np
+from salvo.backend import LoadedModel
+from tests.unit.test_backend import CONFIG
+model = LoadedModel.load(CONFIG, Path({str(tmp_path / "1")!r}))
+x = np.frombuffer(np.ones((2, 4), np.float32).tobytes(), np.float32).reshape(2, 4)
+assert not x.flags.writeable
+(y,), _ = model.run([x])
+print(y.shape)
+"""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::UserWarning", "-c", script],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(2, 3)"
