@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 import zipfile
@@ -280,7 +281,8 @@ class LoadedModel:
         try:
             self.run(inputs)
         except SalvoError as exc:
-            raise ConfigError(f"{self.path}: warm-up failed: {exc.message}") from None
+            compiled = " (optimization.compile is on)" if self.config.optimization.compile else ""
+            raise ConfigError(f"{self.path}: warm-up failed{compiled}: {exc.message}") from None
 
     def assemble(self, requests: Sequence[Sequence[np.ndarray]], instance: int = 0) -> list[Any]:
         """One contiguous buffer per input, from several requests' arrays (config order).
@@ -441,19 +443,41 @@ class _Graph:
     outputs: list[torch.Tensor]
 
 
+_STREAM_LOCKS: dict[tuple[int, int], threading.Lock] = {}
+_STREAM_LOCKS_GUARD = threading.Lock()
+
+
+def _stream_lock(stream: torch.cuda.Stream) -> threading.Lock:
+    """The lock of `stream`, one per CUDA stream in the process.
+
+    torch hands streams out round-robin from a pool of 32 a device, so past 32 instances on
+    a device two instances share one. Sharing is only slower, except while a graph is
+    captured: whatever another instance queued on the stream meanwhile would be captured
+    into the graph. So a batch and a capture hold their stream's lock (uncontended where
+    every instance has a stream of its own).
+    """
+    key = (stream.device_index, stream.cuda_stream)
+    with _STREAM_LOCKS_GUARD:
+        return _STREAM_LOCKS.setdefault(key, threading.Lock())
+
+
 class _CudaInstance:
     """One instance of a model on a CUDA device: its own stream, pinned host buffers for
     inputs and outputs (grown to fit, never shrunk, reused batch after batch) and, with
     `optimization.cuda_graphs`, one graph per batch size bucket.
 
-    An instance runs one batch at a time (its scheduler thread), so nothing here is locked:
-    a batch's copies have finished when `run` returns, and only then does the instance's
-    next `assemble` write into the buffers again.
+    An instance runs one batch at a time (its scheduler thread), so its buffers are not
+    locked: a batch's copies have finished when `run` returns, and only then does the
+    instance's next `assemble` write into them again.
     """
 
     def __init__(self, model: LoadedModel):
         self.model = model
         self.stream = torch.cuda.Stream(model.device)
+        # The weights were converted (precision, layout) on the default stream; this
+        # stream's first pass must see them converted.
+        self.stream.wait_stream(torch.cuda.current_stream(model.device))
+        self._lock = _stream_lock(self.stream)
         self.graphs: dict[int | None, _Graph] = {}
         self._pinned: dict[tuple[str, int], torch.Tensor] = {}
         config = model.config
@@ -480,40 +504,48 @@ class _CudaInstance:
 
     def capture_graphs(self) -> None:
         """Capture a graph per bucket (`_graph_buckets`), largest first, so that the smaller
-        ones reuse its memory from one pool. Raises ConfigError naming the model and the
-        batch size if the forward pass cannot be captured."""
+        ones reuse its memory from one pool. Raises ConfigError naming the model file, the
+        option and the batch size if the forward pass cannot be captured."""
         model = self.model
         pool = torch.cuda.graph_pool_handle()
-        for rows in _graph_buckets(model.config):
-            batch = () if rows is None else (rows,)
+        with torch.cuda.device(model.device), self._lock:
+            for rows in _graph_buckets(model.config):
+                try:
+                    self.graphs[rows] = self._capture(rows, pool)
+                except Exception as exc:
+                    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    size = "unbatched" if rows is None else f"at batch size {rows}"
+                    raise ConfigError(
+                        f"{model.path}: optimization.cuda_graphs: cannot capture the forward "
+                        f"pass {size}: {type(exc).__name__}: {text}"
+                    ) from None
+
+    def _capture(self, rows: int | None, pool: Any) -> _Graph:
+        model = self.model
+        batch = () if rows is None else (rows,)
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            static = [
+                torch.zeros(
+                    (*batch, *spec.dims), dtype=TORCH_DTYPES[spec.datatype], device=model.device
+                )
+                for spec in model.config.inputs
+            ]
+            for _ in range(3):  # warm on this stream: kernels chosen, JIT settled
+                model.module(*[model._prepared(t) for t in static])
+        torch.cuda.synchronize(model.device)
+        graph = torch.cuda.CUDAGraph()
+        # As torch.cuda.graph does, but a failed capture raises its own error (capture_end
+        # would raise another over it) and never leaves this thread on the instance's stream.
+        with torch.cuda.stream(self.stream), torch.inference_mode():
+            graph.capture_begin(pool, capture_error_mode="thread_local")
             try:
-                with torch.cuda.stream(self.stream), torch.inference_mode():
-                    static = [
-                        torch.zeros(
-                            (*batch, *spec.dims), dtype=TORCH_DTYPES[spec.datatype],
-                            device=model.device,
-                        )
-                        for spec in model.config.inputs
-                    ]  # fmt: skip
-                    for _ in range(3):  # warm on this stream: kernels chosen, JIT settled
-                        model.module(*[model._prepared(t) for t in static])
-                self.stream.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with (
-                    torch.inference_mode(),
-                    torch.cuda.graph(
-                        graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"
-                    ),
-                ):
-                    raw = model.module(*[model._prepared(t) for t in static])
-                    outputs = model._collect(raw, rows)
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise ConfigError(
-                    f"{model.path}: cannot capture a CUDA graph at batch size {rows}: "
-                    f"{type(exc).__name__}: {first}"
-                ) from None
-            self.graphs[rows] = _Graph(rows, graph, static, outputs)
+                outputs = model._collect(model.module(*[model._prepared(t) for t in static]), rows)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        return _Graph(rows, graph, static, outputs)
 
     def graph_for(self, rows: int | None) -> _Graph | None:
         """The graph of the smallest bucket that holds `rows`, if any was captured."""
@@ -531,7 +563,7 @@ class _CudaInstance:
         specs = model.config.inputs
         t0 = time.perf_counter_ns()
         try:
-            with torch.cuda.stream(self.stream), torch.inference_mode():
+            with self._lock, torch.cuda.stream(self.stream), torch.inference_mode():
                 graph = self.graph_for(rows)
                 if graph is not None:
                     for static, array, spec in zip(graph.inputs, inputs, specs, strict=True):

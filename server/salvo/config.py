@@ -118,7 +118,10 @@ class OptimizationConfig(_Strict):
     every input's dims fixed (no -1). Ignored on the CPU."""
     compile: bool = False
     """Run the model through `torch.compile` (TorchInductor), compiled at load by the
-    warm-up passes. torch.export models (`model.pt2`) only: TorchScript has its own JIT."""
+    warm-up passes. torch.export models (`model.pt2`) only: TorchScript has its own JIT.
+    On the CPU, TorchInductor fixes the intra-op thread count (`--torch-threads`) into the
+    kernels it compiles, so a compiled model runs on that many threads even on the event
+    loop (`execution`), where uncompiled models run on one."""
     execution: Literal["auto", "thread", "loop"] = "auto"
     """Where batches run. `thread`: on the instance's own thread, so the event loop serves
     other calls meanwhile. `loop`: on the event loop itself, which saves the two thread

@@ -5,10 +5,12 @@ Skipped where there is no GPU; run on a GPU machine with `benchmarks/gpu_check.s
 
 from __future__ import annotations
 
+import collections
 import queue
 import shutil
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 
 from salvo.backend import LoadedModel
-from salvo.config import ModelConfig, load_config
+from salvo.config import ModelConfig, TensorConfig, load_config
+from salvo.errors import ConfigError
 from tests.servers import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -115,8 +118,17 @@ def test_server_with_graphs_and_two_instances_answers_concurrent_callers(demo_re
     with InProcessServer(repo) as server:
         loaded = server.server.models.get("resnet").model
         assert len(loaded._instances) == 2 and all(i.graphs for i in loaded._instances)
+        batches = collections.Counter()
+        for index, instance in enumerate(loaded._instances):
+
+            def counted(inputs, run=instance.run, index=index):
+                batches[index] += 1
+                return run(inputs)
+
+            instance.run = counted
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(call, range(96)))
+    assert batches[0] > 0 and batches[1] > 0, batches  # both instances served
     for x, got in answers:
         (want,), _ = reference.run([x])
         np.testing.assert_allclose(got, want, **TOLERANCE)
@@ -227,3 +239,48 @@ def test_a_batch_that_exhausts_device_memory_fails_alone(demo_repo):
         torch.cuda.empty_cache()
     (out,), _ = model.run(model.assemble([[_inputs("mlp", 2)]]))  # and the next one runs
     assert out.shape[0] == 2
+
+
+class _RowMixer(torch.nn.Module):
+    """Each row plus the sum of the batch's rows: padding that is not zero would show."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + x.sum(0, keepdim=True)
+
+
+class _Uncapturable(torch.nn.Module):
+    """Reads a value back to the host mid-pass, which no CUDA graph can hold."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * float(x.sum().item())
+
+
+def _tiny(tmp_path: Path, module: torch.nn.Module, **optimization: object) -> LoadedModel:
+    (tmp_path / "1").mkdir(parents=True)
+    torch.jit.save(torch.jit.script(module), str(tmp_path / "1" / "model.pt"))
+    config = ModelConfig(
+        name="tiny",
+        max_batch_size=8,
+        inputs=(TensorConfig(name="x", datatype="FP32", dims=(4,)),),
+        outputs=(TensorConfig(name="y", datatype="FP32", dims=(4,)),),
+    )
+    return LoadedModel.load(_on_cuda(config, **optimization), tmp_path / "1")
+
+
+def test_graph_padding_is_zeros_whatever_the_last_batch_left(tmp_path):
+    model = _tiny(tmp_path, _RowMixer(), cuda_graphs=True)
+    # 4 rows fill the 4-row bucket; 3 rows then run in it with one row of padding, which
+    # the row mixer adds into every answer unless it is zero.
+    for seed, rows in enumerate((4, 3, 8, 5, 1)):
+        x = np.random.default_rng(seed).uniform(1, 2, (rows, 4)).astype(np.float32)
+        (got,), _ = model.run(model.assemble([[x]]))
+        np.testing.assert_allclose(got, x + x.sum(0, keepdims=True), rtol=1e-5)
+
+
+def test_a_forward_pass_that_cannot_be_captured_fails_the_load_naming_the_option(tmp_path):
+    with pytest.raises(ConfigError, match="optimization.cuda_graphs: cannot capture") as info:
+        _tiny(tmp_path, _Uncapturable(), cuda_graphs=True)
+    assert "model.pt" in str(info.value) and "at batch size 8" in str(info.value)
+    # The loading thread is back on the default stream, and CUDA still works.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert torch.ones(2, device="cuda").sum().item() == 2
