@@ -10,6 +10,7 @@ unpickle them, falling back to arbitrary objects).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -301,7 +302,7 @@ class LoadedModel:
                 continue
             rows = sum(part.shape[0] for part in parts) if self.config.max_batch_size else 0
             shape = (rows, *parts[0].shape[1:]) if rows else parts[0].shape
-            dtype = torch.from_numpy(np.empty(0, parts[0].dtype)).dtype
+            dtype = _torch_dtype(parts[0].dtype)
             buffer = self._instances[instance].staging(("in", i), shape, dtype)
             if len(parts) == 1:
                 buffer.numpy()[...] = parts[0]
@@ -479,6 +480,8 @@ class _CudaInstance:
         self.stream.wait_stream(torch.cuda.current_stream(model.device))
         self._lock = _stream_lock(self.stream)
         self.graphs: dict[int | None, _Graph] = {}
+        self._fitting: list[_Graph] = []
+        """By rows (index 0 unused): the graph of the smallest bucket that holds them."""
         self._pinned: dict[tuple[str, int], torch.Tensor] = {}
         config = model.config
         rows = (config.max_batch_size,) if config.max_batch_size else ()
@@ -519,6 +522,15 @@ class _CudaInstance:
                         f"{model.path}: optimization.cuda_graphs: cannot capture the forward "
                         f"pass {size}: {type(exc).__name__}: {text}"
                     ) from None
+        self._index_graphs()
+
+    def _index_graphs(self) -> None:
+        """`_fitting` from `graphs`: worked out once here, not on every batch."""
+        buckets = sorted(r for r in self.graphs if r is not None)
+        self._fitting = [
+            self.graphs[next(b for b in buckets if b >= rows)]
+            for rows in range(max(buckets, default=-1) + 1)
+        ]
 
     def _capture(self, rows: int | None, pool: Any) -> _Graph:
         model = self.model
@@ -551,8 +563,7 @@ class _CudaInstance:
         """The graph of the smallest bucket that holds `rows`, if any was captured."""
         if rows is None:
             return self.graphs.get(None)
-        fits = [g for g in self.graphs.values() if g.rows is not None and g.rows >= rows]
-        return min(fits, key=lambda g: g.rows or 0, default=None)
+        return self._fitting[rows] if rows < len(self._fitting) else None
 
     def run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], Timings]:
         """`LoadedModel.run` on this instance: copies in on its stream, the graph replayed
@@ -597,6 +608,12 @@ class _CudaInstance:
         outputs = [_to_numpy(host).copy() for host in hosts]  # the buffers are reused
         t3 = time.perf_counter_ns()
         return outputs, Timings(t1 - t0, t2 - t1, t3 - t2)
+
+
+@functools.cache
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """torch's dtype for a numpy dtype (worked out once per dtype, not per batch)."""
+    return torch.from_numpy(np.empty(0, dtype)).dtype
 
 
 def _host_dtype(datatype: str) -> torch.dtype:
