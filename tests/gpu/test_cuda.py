@@ -134,14 +134,20 @@ def test_server_with_graphs_and_two_instances_answers_concurrent_callers(demo_re
         np.testing.assert_allclose(got, want, **TOLERANCE)
 
 
-def test_compiled_model_on_cuda_matches_the_cpu(demo_repo):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compiled_model_on_cuda_matches_the_cpu(demo_repo, cuda_graphs):
     config = load_config(demo_repo / "digits")
-    compiled = LoadedModel.load(_on_cuda(config, compile=True), demo_repo / "digits" / "1")
+    compiled = LoadedModel.load(
+        _on_cuda(config, compile=True, cuda_graphs=cuda_graphs), demo_repo / "digits" / "1"
+    )
     reference = LoadedModel.load(
         config.model_copy(update={"device": "cpu"}), demo_repo / "digits" / "1"
     )
     assert isinstance(compiled.module, torch._dynamo.eval_frame.OptimizedModule)
-    for rows in (1, 5, 64):
+    (instance,) = compiled._instances
+    # The compiled module is what each graph captured (max_batch_size 64).
+    assert sorted(instance.graphs) == ([1, 2, 4, 8, 16, 32, 64] if cuda_graphs else [])
+    for rows in (1, 5, 64, 3):
         x = _inputs("digits", rows, seed=rows)
         got, _ = compiled.run(compiled.assemble([[x]]))
         want, _ = reference.run([x])
