@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
     python3 -c 'import torch, grpc; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "grpcio", grpc.__version__, "device", torch.cuda.get_device_name(0))'
 } 2>&1 | tee "$out/device.txt"
-timeout 260 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 240 -rs \
+timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts="" --timeout 300 -rs \
     tests/gpu tests/integration/test_batching.py tests/integration/test_compile.py \
     2>&1 | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}

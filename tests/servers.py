@@ -17,6 +17,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+START_TIMEOUT_S = 300
+"""How long an in-process server may take to start: load and warm up its models."""
+
 LISTENING = re.compile(r"listening grpc=([\w.:\[\]-]+):(\d+) http=([\w.:\[\]-]+):(\d+)")
 
 
@@ -174,7 +177,10 @@ class InProcessServer:
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()
-        self._started.wait(60)
+        # Start-up loads every model; compiling one (optimization.compile) took over a minute
+        # on a fresh GPU host. Returning before then would hand the test a loading model.
+        if not self._started.wait(START_TIMEOUT_S):
+            raise TimeoutError(f"the server did not start in {START_TIMEOUT_S} s")
         if self._error is not None:
             raise self._error
         return self
