@@ -74,7 +74,9 @@ def add_inference_service(
 
     A cached response is stored serialized, so the hot path of a cache hit appends the
     caller's id to those bytes instead of building and serializing a message. A request
-    message that does not parse is answered INVALID_ARGUMENT (see `parsing`). Without
+    message that does not parse is answered INVALID_ARGUMENT (see `parsing`); the two infer
+    methods' deserializer knows a repeated request by its bytes (`wire.RequestTemplates`,
+    which never raises either). Without
     `repository_changes`, load and unload answer PERMISSION_DENIED. A `gate` can refuse
     every method once the server drains.
     """
@@ -82,7 +84,9 @@ def add_inference_service(
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
     handlers = {name: refuse_undecodable(h) for name, h in capture.handlers.items()}
     for method in ("ModelInfer", "ModelStreamInfer"):
-        handlers[method] = handlers[method]._replace(response_serializer=_serialize_response)
+        handlers[method] = handlers[method]._replace(
+            request_deserializer=servicer.templates, response_serializer=_serialize_response
+        )
     if not repository_changes:
         handlers = refuse_repository_changes(handlers)
     if gate is not None:

@@ -32,6 +32,7 @@ from .repository import ModelEntry, ModelManager, ModelVersion
 from .scheduler import Scheduler
 from .telemetry import Probe, Telemetry
 from .validation import InferRequest, validate_request
+from .wire import Matched, RequestTemplates
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.on_change = on_change
         self.ready = ready
         self.stream_max_in_flight = stream_max_in_flight
+        self.templates = RequestTemplates()
+        """ModelInfer's and ModelStreamInfer's deserializer (see `salvo.wire`)."""
 
     @observed
     async def ServerLive(self, request, context):
@@ -327,6 +330,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             probe.model, probe.version = mv.name, str(mv.version)
         request_id = request.id
         cache = self.cache if mv.config.response_cache.enable else None
+        if cache is not None and isinstance(request, Matched):
+            request = request.message()  # the cache keys on the message's fields
         ok = False
         try:
             message = None
@@ -367,11 +372,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             mv.stats.record_request(ok, time.monotonic_ns() - start)
 
-    @classmethod
-    def _checked(cls, mv: ModelVersion, request: pb.ModelInferRequest) -> InferRequest:
-        """`request` decoded and checked: in one step through the model's wire plan when it
-        is a common one, else (and for every error) the general way."""
-        return mv.plan.decode(request) or cls._validated(mv, request)[0]
+    def _checked(self, mv: ModelVersion, request: pb.ModelInferRequest | Matched) -> InferRequest:
+        """`request` decoded and checked: from its bytes when they match a template (see
+        `salvo.wire`); in one step through the model's wire plan when it is a common one
+        (which makes a template of it); else, and for every error, the general way."""
+        plan = mv.plan
+        if isinstance(request, Matched):
+            validated = request.validated(plan)
+            if validated is not None:
+                return validated
+            request = request.message()  # the model was replaced since the template was made
+        validated = plan.decode(request)
+        if validated is None:
+            return self._validated(mv, request)[0]
+        self.templates.learn(request, validated, plan)
+        return validated
 
     @staticmethod
     def _validated(
