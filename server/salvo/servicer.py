@@ -381,7 +381,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             validated = request.validated(plan)
             if validated is not None:
                 return validated
-            request = request.message()  # the model was replaced since the template was made
+            request = self.templates.parse(request)  # the model was replaced since
         validated = plan.decode(request)
         if validated is None:
             return self._validated(mv, request)[0]

@@ -317,6 +317,13 @@ class RequestTemplates:
         self._last = (message, data)
         return message
 
+    def parse(self, matched: Matched) -> pb.ModelInferRequest:
+        """`matched`'s message, for a template made with a plan since replaced: the last one
+        parsed, so that `learn` can replace the template."""
+        message = matched.message()
+        self._last = (message, matched._data)
+        return message
+
     def learn(self, message: pb.ModelInferRequest, request: InferRequest, plan: WirePlan) -> None:
         """A template of `message`, if it is the last one parsed, which `plan` made into
         `request`. Only where its bytes are what serializing the message gives (so every
