@@ -373,7 +373,7 @@ def ratio(a: dict, b: dict) -> float | None:
 def fmt(value: float | None, percent: bool = False) -> str:
     if value is None:
         return "—"
-    return f"{value:.0%}" if percent else f"{value:.2f}×"
+    return f"{value:.1%}" if percent else f"{value:.2f}×"
 
 
 def table(
@@ -453,7 +453,7 @@ def verdicts(results: dict) -> list[str]:
         check(
             top >= 0.9 * raw_best,
             "resnet, Salvo's best ≥ 90% of the raw model's best",
-            f"{top:,.0f} / {raw_best:,.0f} = {top / raw_best:.0%}",
+            f"{top:,.0f} / {raw_best:,.0f} = {top / raw_best:.1%}",
         )
     return out
 
