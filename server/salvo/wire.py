@@ -189,6 +189,9 @@ class WirePlan:
 _NAME_TAG, _VERSION_TAG, _REQUEST_ID_TAG = 0x0A, 0x12, 0x1A
 _RAW_INPUT_TAG = b"\x3a"  # raw_input_contents: field 7, length-delimited
 _MAX_TEMPLATES = 256
+_MAX_LEARNT_BYTES = 1 << 20
+"""Larger requests are not learnt: the parse is a sliver of their cost, and the last one
+parsed would be kept until the next."""
 
 
 def _header(data: bytes) -> tuple[int, str, int] | None:
@@ -218,9 +221,13 @@ def _header(data: bytes) -> tuple[int, str, int] | None:
 class _Template:
     """A request the plan took, as bytes: what follows the id up to the first input's bytes
     (`body`), where each input's bytes lie after the id and the header of each input but
-    the first (`headers`), and what the plan made of it."""
+    the first (`headers`), and what the plan made of it, bar its tensors (which it does
+    not keep alive)."""
 
-    __slots__ = ("plan", "model_name", "model_version", "body", "headers", "inputs", "request")
+    __slots__ = (
+        "plan", "model_name", "model_version", "body", "headers", "inputs",
+        "model", "version", "outputs", "rows", "parameters",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -237,7 +244,11 @@ class _Template:
         self.body = body
         self.headers = headers
         self.inputs = inputs
-        self.request = request
+        self.model = request.model
+        self.version = request.version
+        self.outputs = request.outputs
+        self.rows = request.rows
+        self.parameters = request.parameters
 
 
 class Matched:
@@ -264,10 +275,9 @@ class Matched:
         if template.plan is not plan:
             return None
         data, start = self._data, self._start
-        prototype = template.request
         return InferRequest(
-            model=prototype.model,
-            version=prototype.version,
+            model=template.model,
+            version=template.version,
             id=self.id,
             inputs=tuple(
                 [
@@ -275,9 +285,9 @@ class Matched:
                     for offset, dtype, count, shape in template.inputs
                 ]
             ),
-            outputs=prototype.outputs,
-            rows=prototype.rows,
-            parameters=prototype.parameters,  # never changed once made, as the plan's are not
+            outputs=template.outputs,
+            rows=template.rows,
+            parameters=template.parameters,  # never changed once made, as the plan's are not
         )
 
     def message(self) -> pb.ModelInferRequest:
@@ -290,9 +300,9 @@ class RequestTemplates:
     """The deserializer of ModelInfer and ModelStreamInfer: a `Matched` for bytes that
     match a template, else the parsed message (an `Undecodable` where it does not parse).
 
-    `learn` makes a template of the last parsed request, once the plan has taken it. At
-    most `_MAX_TEMPLATES` are kept (they start again from none when full), keyed by the
-    model name and version bytes and the length after the id.
+    `learn` makes a template of the last parsed request (of at most `_MAX_LEARNT_BYTES`),
+    once the plan has taken it. At most `_MAX_TEMPLATES` are kept (they start again from
+    none when full), keyed by the model name and version bytes and the length after the id.
     """
 
     def __init__(self) -> None:
@@ -314,7 +324,7 @@ class RequestTemplates:
             message = pb.ModelInferRequest.FromString(data)
         except DecodeError as exc:
             return Undecodable(f"malformed request message: {exc}")
-        self._last = (message, data)
+        self._last = (message, data) if len(data) <= _MAX_LEARNT_BYTES else None
         return message
 
     def parse(self, matched: Matched) -> pb.ModelInferRequest:

@@ -186,3 +186,19 @@ def test_an_id_that_is_not_utf8_is_left_to_the_parse_to_refuse() -> None:
     data = perf_analyzers(1, request_id="ab").SerializeToString().replace(b"ab", b"\xff\xfe", 1)
     got = templates(data)
     assert isinstance(got, Undecodable) and "malformed request message" in got.reason
+
+
+def test_a_request_over_a_mebibyte_is_never_learnt() -> None:
+    from salvo.wire import _MAX_LEARNT_BYTES
+
+    config = BATCHED.model_copy(update={"max_batch_size": 1 << 16})
+    plan = WirePlan(config, 1)
+    rows = _MAX_LEARNT_BYTES // 44 + 1  # 44 bytes a row: three FP32 and four INT64
+    big = common_request(config, rows)
+    templates = RequestTemplates()
+    message = templates(big.SerializeToString())
+    validated = plan.decode(message)
+    assert validated is not None
+    templates.learn(message, validated, plan)  # not the last kept: nothing learnt
+    assert not templates._templates
+    assert not isinstance(templates(big.SerializeToString()), Matched)
