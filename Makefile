@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -95,6 +95,9 @@ bench-soak: $(STAMP)
 # Issue 9: Salvo's server CPU per request against the bare gRPC server, at a fixed rate (h2load).
 bench-cpu: $(STAMP) deploy-tools
 	$(BIN)/python benchmarks/cpu_cost.py
+
+bench-freeze: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/freeze.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -122,12 +122,18 @@ def measure(target: str, model: str, concurrency: int, **kwargs) -> Measurement:
     )
 
 
-def raw_throughput(model_file: Path, shape: tuple[int, ...], batch: int, seconds: float = 2.0):
-    """Samples per second of the model file in a tight loop at `batch` (torch's threads)."""
+def raw_throughput(
+    model_file: Path, shape: tuple[int, ...], batch: int, seconds: float = 2.0, frozen: bool = False
+):
+    """Samples per second of the model file in a tight loop at `batch` (torch's threads);
+    `frozen`: a TorchScript model frozen and optimized for inference first, as Salvo's
+    `optimization.freeze` serves it."""
     import torch
 
     if model_file.suffix == ".pt":
         module = torch.jit.load(str(model_file))
+        if frozen:
+            module = torch.jit.optimize_for_inference(torch.jit.freeze(module.eval()))
     else:
         module = torch.export.load(str(model_file)).module()
     x = torch.rand((batch, *shape))

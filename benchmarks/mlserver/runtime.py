@@ -4,7 +4,9 @@ MLServer ships no PyTorch runtime; this is the custom runtime its documentation 
 `MLModel` subclass with `load` and `predict`. Each model's `model-settings.json` points at it
 (`"implementation": "runtime.TorchScriptModel"`) and at the file (`parameters.uri`);
 `parameters.extra.torch_threads` sets torch's intra-op threads in the process that runs the
-model (0 keeps torch's default), the same knob as `salvo serve --torch-threads`.
+model (0 keeps torch's default), the same knob as `salvo serve --torch-threads`;
+`parameters.extra.freeze` freezes the module and optimizes it for inference at load, as
+Salvo's `optimization.freeze` does, so that both serve the same frozen model.
 
 Only the first input is used and one output is returned, which is what `mlp` and `resnet`
 take and give. Runs inside .venv-mlserver (benchmarks/setup_mlserver.sh), never in .venv.
@@ -29,6 +31,8 @@ class TorchScriptModel(MLModel):
             torch.set_num_threads(threads)
         self._module = torch.jit.load(await get_model_uri(self.settings), map_location="cpu")
         self._module.eval()
+        if extra.get("freeze"):
+            self._module = torch.jit.optimize_for_inference(torch.jit.freeze(self._module))
         self._output = self.settings.outputs[0].name if self.settings.outputs else "output"
         return True
 

@@ -236,7 +236,22 @@ class LoadedModel:
                 f"{path}: optimization.compile needs a torch.export model (model.pt2); "
                 "TorchScript runs on its own JIT"
             )
-        model = cls(config, path, _optimized(module, config), device)
+        if config.optimization.freeze and path.suffix != ".pt":
+            raise ConfigError(
+                f"{path}: optimization.freeze applies to TorchScript models (model.pt); "
+                "a torch.export model has optimization.compile"
+            )
+        module = _optimized(module, config)
+        if config.optimization.freeze:
+            try:
+                module = torch.jit.optimize_for_inference(torch.jit.freeze(module))
+            except Exception as exc:  # what cannot be frozen is the model's own business
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    f"{path}: optimization.freeze: cannot freeze the model: "
+                    f"{type(exc).__name__}: {text}"
+                ) from None
+        model = cls(config, path, module, device)
         if config.optimization.warmup or config.optimization.compile:
             model.warm_up()  # also compiles, so that no request waits for it
         if device.type == "cuda" and config.optimization.cuda_graphs:

@@ -275,6 +275,68 @@ def test_compile_is_refused_for_torchscript_naming_the_file(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_freeze_is_refused_for_torch_export_naming_the_file(tmp_path):
+    path = save_exported(tmp_path / "1")
+    config = CONFIG.model_copy(update={"optimization": OptimizationConfig(freeze=True)})
+    with pytest.raises(ConfigError, match="optimization.freeze applies to TorchScript") as info:
+        LoadedModel.load(config, tmp_path / "1")
+    assert str(path) in str(info.value)
+
+
+class ConvNet(torch.nn.Module):
+    """A convolution, a batch norm and a ReLU: what freezing folds and pre-packs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.BatchNorm2d(4)
+        self.norm.running_mean.uniform_(-0.5, 0.5)
+        self.norm.running_var.uniform_(0.5, 2.0)
+        self.head = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+CONV = ModelConfig(
+    name="conv",
+    max_batch_size=8,
+    inputs=(TensorConfig(name="x", datatype="FP32", dims=(3, 8, 8)),),
+    outputs=(TensorConfig(name="y", datatype="FP32", dims=(3,)),),
+)
+
+
+def test_a_frozen_torchscript_model_answers_like_the_model(tmp_path):
+    save_script(tmp_path / "1", ConvNet().eval())
+    plain = LoadedModel.load(CONV, tmp_path / "1")
+    config = CONV.model_copy(update={"optimization": OptimizationConfig(freeze=True)})
+    frozen = LoadedModel.load(config, tmp_path / "1")
+    assert "prim::GetAttr" in str(plain.module.graph)
+    assert "prim::GetAttr" not in str(frozen.module.graph)  # the weights are constants now
+    for rows in (1, 3, 8):
+        x = np.random.default_rng(rows).standard_normal((rows, 3, 8, 8)).astype(np.float32)
+        (got,), _ = frozen.run(frozen.assemble([[x]]))
+        (want,), _ = plain.run(plain.assemble([[x]]))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_cannot_be_frozen_fails_its_load_naming_the_option(tmp_path, monkeypatch):
+    path = save_script(tmp_path / "1")
+
+    def refuse(module):
+        raise RuntimeError("cannot optimize this one\nsecond line")
+
+    monkeypatch.setattr(torch.jit, "optimize_for_inference", refuse)
+    config = CONFIG.model_copy(update={"optimization": OptimizationConfig(freeze=True)})
+    with pytest.raises(ConfigError) as info:
+        LoadedModel.load(config, tmp_path / "1")
+    assert str(info.value) == (
+        f"{path}: optimization.freeze: cannot freeze the model: "
+        "RuntimeError: cannot optimize this one"
+    )
+
+
 def test_read_only_request_arrays_run_with_user_warnings_as_errors(tmp_path):
     """Request arrays are read-only views of the request's bytes, and torch warns about
     them (once a process: hence a fresh interpreter, where no other test warned first)."""
