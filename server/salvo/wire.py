@@ -26,7 +26,9 @@ is the deserializer of ModelInfer and ModelStreamInfer: once the plan has taken 
 the request's bytes become a template, and a later request whose bytes match it (the same
 model name, version and everything up to the tensor bytes, the same lengths; any id)
 skips both the protobuf parse and the plan: a `Matched`, whose `validated` makes the
-InferRequest from views of its bytes. Anything else is parsed as before.
+InferRequest from views of its bytes. Anything else is parsed as before. For perf_analyzer's
+`mlp` request that took 3.8 µs instead of 9.9 (parse and plan, timeit), and Salvo's CPU a
+unary call went from 321 to 294 µs (benchmarks/RESULTS.md, "A/B: 7a87fb6 against 9cd0a88").
 """
 
 from __future__ import annotations
