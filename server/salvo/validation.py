@@ -7,7 +7,7 @@ says what was expected and what came.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,7 @@ class InferRequest:
     """Indices into the config's outputs that the caller asked for, in the order asked."""
     rows: int
     """Batch rows the request carries (1 for a model without a batch dimension)."""
-    parameters: dict[str, object] = field(default_factory=dict)
+    parameters: Mapping[str, object] = field(default_factory=dict)
     signature: tuple = field(init=False, repr=False, compare=False)
     """Requests with equal signatures can share a batch: same non-batch shapes and outputs.
     Worked out once: the batch queue compares it for every queued request it looks at."""

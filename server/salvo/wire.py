@@ -26,7 +26,8 @@ is the deserializer of ModelInfer and ModelStreamInfer: once the plan has taken 
 the request's bytes become a template, and a later request whose bytes match it (the same
 model name, version and everything up to the tensor bytes, the same lengths; any id)
 skips both the protobuf parse and the plan: a `Matched`, whose `validated` makes the
-InferRequest from views of its bytes. Anything else is parsed as before. For perf_analyzer's
+InferRequest from views of its bytes (so, unlike a parsed request's, its arrays need not be
+aligned: torch takes them as they are). Anything else is parsed as before. For perf_analyzer's
 `mlp` request that took 3.8 µs instead of 9.9 (parse and plan, timeit), and Salvo's CPU a
 unary call went from 321 to 294 µs (benchmarks/RESULTS.md, "A/B: 7a87fb6 against 9cd0a88").
 """
@@ -34,10 +35,12 @@ unary call went from 321 to 294 µs (benchmarks/RESULTS.md, "A/B: 7a87fb6 agains
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from salvo_client.proto import grpc_service_pb2 as pb
 
@@ -194,6 +197,10 @@ _MAX_TEMPLATES = 256
 _MAX_LEARNT_BYTES = 1 << 20
 """Larger requests are not learnt: the parse is a sliver of their cost, and the last one
 parsed would be kept until the next."""
+_MAX_REFUSALS = 8
+"""Times a kind of request (its key) may fail to become a template before `learn` stops
+trying it: each try serializes the whole message, and some clients' bytes never match
+what serializing gives (a map of several parameters comes out in hash order)."""
 
 
 def _header(data: bytes) -> tuple[int, str, int] | None:
@@ -250,7 +257,7 @@ class _Template:
         self.version = request.version
         self.outputs = request.outputs
         self.rows = request.rows
-        self.parameters = request.parameters
+        self.parameters = MappingProxyType(request.parameters)  # shared: read-only
 
 
 class Matched:
@@ -289,7 +296,7 @@ class Matched:
             ),
             outputs=template.outputs,
             rows=template.rows,
-            parameters=template.parameters,  # never changed once made, as the plan's are not
+            parameters=template.parameters,
         )
 
     def message(self) -> pb.ModelInferRequest:
@@ -309,6 +316,7 @@ class RequestTemplates:
 
     def __init__(self) -> None:
         self._templates: dict[tuple[bytes, int], _Template] = {}
+        self._refusals: dict[tuple[bytes, int], int] = {}
         self._last: tuple[pb.ModelInferRequest, bytes] | None = None
 
     def __call__(self, data: bytes) -> Matched | pb.ModelInferRequest | Undecodable:
@@ -347,23 +355,41 @@ class RequestTemplates:
         data = last[1]
         header = _header(data)
         raws = message.raw_input_contents
-        if header is None or not raws or message.SerializeToString() != data:
+        # Unknown fields are written back after the tensors: bytes with them at the end
+        # would serialize to themselves, yet put the tensors where a template does not.
+        if header is None or not raws or len(UnknownFieldSet(message)):
             return
         end, _, start = header
+        key = (data[:end], len(data) - start)
+        refusals = self._refusals.get(key, 0)
+        if refusals >= _MAX_REFUSALS:
+            return
         tags = [_RAW_INPUT_TAG + varint(len(raw)) for raw in raws]
         first = len(data) - sum(len(tag) + len(raw) for tag, raw in zip(tags, raws, strict=True))
         offset = first - start
         headers: list[tuple[int, bytes]] = []
         inputs: list[tuple[int, np.dtype, int, tuple[int, ...]]] = []
         for tag, raw, array in zip(tags, raws, request.inputs, strict=True):
+            if not data.startswith(tag, start + offset):
+                break
             if inputs:
                 headers.append((offset, tag))
             offset += len(tag)
             inputs.append((offset, array.dtype, array.size, array.shape))
             offset += len(raw)
+        if len(inputs) < len(raws) or message.SerializeToString() != data:
+            if len(self._refusals) >= _MAX_TEMPLATES:
+                self._refusals.clear()
+            self._refusals[key] = refusals + 1
+            return
         if len(self._templates) >= _MAX_TEMPLATES:
             self._templates.clear()
+        replaced = self._templates.get(key)
+        if replaced is not None and replaced.plan is plan:
+            # Another request of the same kind, not a reloaded model's: a client that
+            # changes what it sends (a parameter's value) would be learnt every time.
+            self._refusals[key] = refusals + 1
         body = data[start : first + len(tags[0])]
-        self._templates[(data[:end], len(data) - start)] = _Template(
+        self._templates[key] = _Template(
             plan, message, body, tuple(headers), tuple(inputs), request
         )

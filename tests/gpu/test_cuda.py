@@ -76,12 +76,16 @@ def test_assembled_inputs_are_pinned_and_reused_per_instance(demo_repo):
     np.testing.assert_array_equal(out, kept)
 
 
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "as saved"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_cuda_graphs_answer_like_eager_at_every_batch_size(demo_repo, precision):
-    config = load_config(demo_repo / "resnet")
-    eager = LoadedModel.load(_on_cuda(config, precision=precision), demo_repo / "resnet" / "1")
+def test_cuda_graphs_answer_like_eager_at_every_batch_size(demo_repo, precision, freeze):
+    config = load_config(demo_repo / "resnet")  # the demo's resnet ships frozen
+    eager = LoadedModel.load(
+        _on_cuda(config, precision=precision, freeze=freeze), demo_repo / "resnet" / "1"
+    )
     graphed = LoadedModel.load(
-        _on_cuda(config, precision=precision, cuda_graphs=True), demo_repo / "resnet" / "1"
+        _on_cuda(config, precision=precision, cuda_graphs=True, freeze=freeze),
+        demo_repo / "resnet" / "1",
     )
     (instance,) = graphed._instances
     assert sorted(instance.graphs) == [1, 2, 4, 8, 16, 32]  # max_batch_size 32

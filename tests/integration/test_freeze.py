@@ -1,9 +1,8 @@
-"""`optimization.freeze`: the demo resnet frozen and optimized for inference at load, served
-over gRPC to concurrent tritonclient callers, answers as the model as saved does."""
+"""`optimization.freeze`: the demo resnet (which ships frozen) served over gRPC to
+concurrent tritonclient callers answers as the model as saved, unfrozen, does."""
 
 from __future__ import annotations
 
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,11 +13,14 @@ from salvo.config import load_config
 from tests.servers import InProcessServer
 
 
-def test_frozen_resnet_answers_like_the_model_as_saved(demo_repo, tmp_path):
-    shutil.copytree(demo_repo / "resnet", tmp_path / "resnet")
-    config = tmp_path / "resnet" / "config.yaml"
-    config.write_text(config.read_text() + "optimization: {freeze: true}\n")
-    as_saved = LoadedModel.load(load_config(demo_repo / "resnet"), demo_repo / "resnet" / "1")
+def test_frozen_resnet_answers_like_the_model_as_saved(demo_repo):
+    config = load_config(demo_repo / "resnet")
+    assert config.optimization.freeze  # the demo's resnet is frozen at load
+    unfrozen = config.optimization.model_copy(update={"freeze": False})
+    as_saved = LoadedModel.load(
+        config.model_copy(update={"optimization": unfrozen}), demo_repo / "resnet" / "1"
+    )
+    assert "prim::GetAttr" in str(as_saved.module.graph)  # really not frozen
 
     def call(seed: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.random.default_rng(seed).standard_normal((1 + seed % 3, 3, 64, 64))
@@ -28,7 +30,7 @@ def test_frozen_resnet_answers_like_the_model_as_saved(demo_repo, tmp_path):
         with tc.InferenceServerClient(server.grpc_target) as client:
             return x, client.infer("resnet", [tensor]).as_numpy("output")
 
-    with InProcessServer(tmp_path) as server:
+    with InProcessServer(demo_repo) as server:
         served = server.server.models.get("resnet").model.module
         assert "prim::GetAttr" not in str(served.graph)  # frozen: the weights are constants
         with ThreadPoolExecutor(8) as pool:

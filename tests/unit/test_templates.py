@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from salvo.parsing import Undecodable
-from salvo.wire import _MAX_TEMPLATES, Matched, RequestTemplates, WirePlan
+from salvo.wire import _MAX_REFUSALS, _MAX_TEMPLATES, Matched, RequestTemplates, WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
 from tests.unit.test_wire import (
     BATCHED,
@@ -202,3 +202,78 @@ def test_a_request_over_a_mebibyte_is_never_learnt() -> None:
     templates.learn(message, validated, plan)  # not the last kept: nothing learnt
     assert not templates._templates
     assert not isinstance(templates(big.SerializeToString()), Matched)
+
+
+def test_a_request_ending_in_unknown_fields_is_never_learnt() -> None:
+    """Unknown fields serialize after the tensors: such bytes round-trip, but a template of
+    them would read every tensor that many bytes late."""
+    plan = WirePlan(UNBATCHED, 1)
+    unknown = b"\xa0\x06\x01"  # field 100, a varint: not ModelInferRequest's
+
+    def request(raw: bytes) -> bytes:
+        message = pb.ModelInferRequest(model_name="flat")
+        message.inputs.add(name="a", datatype="UINT8", shape=[4])
+        message.raw_input_contents.append(raw)
+        return message.SerializeToString() + unknown
+
+    templates = RequestTemplates()
+    message = templates(request(b"\0\0\0\0"))
+    assert message.SerializeToString() == request(b"\0\0\0\0")  # it does round-trip
+    templates.learn(message, plan.decode(message), plan)
+    later = templates(request(b"\0\0\0\x07"))
+    assert not isinstance(later, Matched)
+    assert plan.decode(later).inputs[0].tolist() == [0, 0, 0, 7]
+
+
+def test_a_kind_of_request_that_never_matches_its_bytes_is_tried_a_few_times_only() -> None:
+    plan = WirePlan(BATCHED, 1)
+    request = perf_analyzers(1)
+    name = pb.ModelInferRequest(model_name=request.model_name)
+    tensors = pb.ModelInferRequest(raw_input_contents=request.raw_input_contents)
+    rest = pb.ModelInferRequest()
+    rest.CopyFrom(request)
+    rest.ClearField("model_name")
+    del rest.raw_input_contents[:]
+    # The name, then the tensors, then the rest: it parses as the request, yet is not what
+    # serializing the request gives.
+    data = name.SerializeToString() + tensors.SerializeToString() + rest.SerializeToString()
+    assert pb.ModelInferRequest.FromString(data) == request
+    templates = RequestTemplates()
+    for _ in range(_MAX_REFUSALS + 3):
+        message = templates(data)
+        templates.learn(message, plan.decode(message), plan)
+    assert list(templates._refusals.values()) == [_MAX_REFUSALS]
+    assert not templates._templates
+
+
+def test_matched_requests_share_parameters_that_cannot_be_changed() -> None:
+    plan = WirePlan(BATCHED, 1)
+    templates = learnt(plan, perf_analyzers(1))
+    first = matched(templates, perf_analyzers(1, seed=1)).validated(plan)
+    second = matched(templates, perf_analyzers(1, seed=2)).validated(plan)
+    assert first is not None and second is not None
+    assert first.parameters == second.parameters == {"triton_enable_empty_final_response": True}
+    with pytest.raises(TypeError):
+        first.parameters["priority"] = 1  # type: ignore[index]
+
+
+def test_a_kind_of_request_that_keeps_changing_is_learnt_a_few_times_only() -> None:
+    """A parameter whose value changes every request (its length does not): each request
+    would replace the template, serializing the message every time."""
+    plan = WirePlan(BATCHED, 1)
+    templates = RequestTemplates()
+
+    def tagged(value: int) -> bytes:
+        # One parameter only: a map of several serializes in an order of its own.
+        request = common_request(BATCHED, 1)
+        request.parameters["tag"].string_param = f"{value:04d}"
+        return request.SerializeToString()
+
+    for value in range(_MAX_REFUSALS + 4):
+        message = templates(tagged(value))
+        assert isinstance(message, pb.ModelInferRequest)
+        templates.learn(message, plan.decode(message), plan)
+    assert list(templates._refusals.values()) == [_MAX_REFUSALS]
+    # The template kept is the last one learnt, and still answers its own kind.
+    assert isinstance(templates(tagged(_MAX_REFUSALS)), Matched)
+    assert not isinstance(templates(tagged(_MAX_REFUSALS + 1)), Matched)
