@@ -277,3 +277,22 @@ def test_a_kind_of_request_that_keeps_changing_is_learnt_a_few_times_only() -> N
     # The template kept is the last one learnt, and still answers its own kind.
     assert isinstance(templates(tagged(_MAX_REFUSALS)), Matched)
     assert not isinstance(templates(tagged(_MAX_REFUSALS + 1)), Matched)
+
+
+def test_a_request_naming_its_id_twice_is_never_a_template() -> None:
+    """The last id wins in a parse; a template of such bytes would answer with the first."""
+    plan = WirePlan(BATCHED, 1)
+
+    def twice(first: str) -> bytes:
+        head = pb.ModelInferRequest(model_name=BATCHED.name, id=first).SerializeToString()
+        rest = perf_analyzers(1, request_id="zz")
+        rest.ClearField("model_name")
+        return head + rest.SerializeToString()
+
+    templates = RequestTemplates()
+    message = templates(twice("aa"))
+    assert message.id == "zz"
+    templates.learn(message, plan.decode(message), plan)
+    later = templates(twice("bb"))
+    assert not isinstance(later, Matched)
+    assert later.id == "zz"
