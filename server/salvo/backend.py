@@ -230,7 +230,7 @@ class LoadedModel:
         except ConfigError:
             raise
         except Exception as exc:  # torch's loaders raise many types; the message is what matters
-            raise ConfigError(f"{path}: cannot load: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"{path}: cannot load: {_first_line(exc)}") from None
         if config.optimization.compile and path.suffix != ".pt2":
             raise ConfigError(
                 f"{path}: optimization.compile needs a torch.export model (model.pt2); "
@@ -246,10 +246,9 @@ class LoadedModel:
             try:
                 module = torch.jit.optimize_for_inference(torch.jit.freeze(module))
             except Exception as exc:  # what cannot be frozen is the model's own business
-                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ConfigError(
                     f"{path}: optimization.freeze: cannot freeze the model: "
-                    f"{type(exc).__name__}: {text}"
+                    f"{type(exc).__name__}: {_first_line(exc)}"
                 ) from None
         model = cls(config, path, module, device)
         if config.optimization.warmup or config.optimization.compile:
@@ -365,7 +364,7 @@ class LoadedModel:
             )
         if isinstance(exc, SalvoError):
             return exc
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc) or type(exc).__name__
         return ModelFailed(f"model '{name}' raised {type(exc).__name__}: {first}")
 
     def _collect(self, raw: Any, rows: int | None) -> list[torch.Tensor]:
@@ -429,6 +428,12 @@ def _optimized(module: Any, config: ModelConfig) -> Any:
     if config.optimization.compile:
         module = torch.compile(module)
     return module
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message ("" for none): torch's carry pages of context."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _rows(config: ModelConfig, inputs: Sequence[Any]) -> int | None:
@@ -531,11 +536,10 @@ class _CudaInstance:
                 try:
                     self.graphs[rows] = self._capture(rows, pool)
                 except Exception as exc:
-                    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                     size = "unbatched" if rows is None else f"at batch size {rows}"
                     raise ConfigError(
                         f"{model.path}: optimization.cuda_graphs: cannot capture the forward "
-                        f"pass {size}: {type(exc).__name__}: {text}"
+                        f"pass {size}: {type(exc).__name__}: {_first_line(exc)}"
                     ) from None
         self._index_graphs()
 

@@ -378,9 +378,7 @@ class RequestTemplates:
             inputs.append((offset, array.dtype, array.size, array.shape))
             offset += len(raw)
         if len(inputs) < len(raws) or message.SerializeToString() != data:
-            if len(self._refusals) >= _MAX_TEMPLATES:
-                self._refusals.clear()
-            self._refusals[key] = refusals + 1
+            self._refuse(key, refusals)
             return
         if len(self._templates) >= _MAX_TEMPLATES:
             self._templates.clear()
@@ -388,8 +386,14 @@ class RequestTemplates:
         if replaced is not None and replaced.plan is plan:
             # Another request of the same kind, not a reloaded model's: a client that
             # changes what it sends (a parameter's value) would be learnt every time.
-            self._refusals[key] = refusals + 1
+            self._refuse(key, refusals)
         body = data[start : first + len(tags[0])]
         self._templates[key] = _Template(
             plan, message, body, tuple(headers), tuple(inputs), request
         )
+
+    def _refuse(self, key: tuple[bytes, int], refusals: int) -> None:
+        """Count one more refusal of `key` (at most `_MAX_TEMPLATES` keys are counted)."""
+        if len(self._refusals) >= _MAX_TEMPLATES and key not in self._refusals:
+            self._refusals.clear()
+        self._refusals[key] = refusals + 1
