@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -98,6 +98,9 @@ bench-cpu: $(STAMP) deploy-tools
 
 bench-freeze: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/freeze.py
+
+bench-instances: $(STAMP) perf-venv
+	$(BIN)/python benchmarks/instances.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

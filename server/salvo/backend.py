@@ -167,6 +167,18 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(count)
 
 
+def torch_threads() -> int:
+    """The calling thread's intra-op thread count."""
+    return torch.get_num_threads()
+
+
+def use_torch_threads(count: int) -> None:
+    """Give the calling thread `count` intra-op threads (OpenMP keeps the count per thread);
+    a few µs when it changes, nothing when it does not."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
 def inherit_torch_threads() -> Callable[[], None]:
     """An initializer for the threads that run models: torch's intra-op thread count as the
     calling thread has it (`--torch-threads`, set on the main thread at start-up).

@@ -177,6 +177,10 @@ class ModelConfig(_Strict):
     outputs: tuple[TensorConfig, ...] = Field(min_length=1)
     device: str = "auto"
     instance_count: int = Field(default=1, ge=1, le=64)
+    """Copies of the model that run batches at once, each on its own thread (on CUDA, its
+    own stream). On the CPU they share the intra-op threads (`--torch-threads`): a batch
+    runs on those threads divided by the instances busy when it starts, so one instance
+    alone has every core and two busy at once have half each."""
     dynamic_batching: DynamicBatchingConfig | None = None
     version_policy: VersionPolicy = VersionPolicy()
     response_cache: ResponseCacheConfig = ResponseCacheConfig()

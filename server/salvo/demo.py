@@ -301,7 +301,10 @@ def _build_resnet(model_dir: Path) -> None:
         inputs=(TensorConfig(name="input", datatype="FP32", dims=(3, 64, 64)),),
         outputs=(TensorConfig(name="output", datatype="FP32", dims=(10,)),),
         device="auto",
-        instance_count=1,
+        # Two instances: on a CPU they share the cores (each batch on the intra-op threads
+        # divided by the instances busy at its start), so that under load one batch runs
+        # while the other's requests come in (benchmarks/RESULTS.md, "Instances").
+        instance_count=2,
         dynamic_batching=DynamicBatchingConfig(max_queue_delay_us=10000),
         # Frozen and optimized for inference at load: 1.2x served on this machine's CPU
         # (benchmarks/RESULTS.md, "Frozen TorchScript").

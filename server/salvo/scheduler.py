@@ -20,7 +20,14 @@ from typing import cast
 
 import numpy as np
 
-from .backend import LoadedModel, Timings, inherit_torch_threads, one_torch_thread
+from .backend import (
+    LoadedModel,
+    Timings,
+    inherit_torch_threads,
+    one_torch_thread,
+    torch_threads,
+    use_torch_threads,
+)
 from .batch_queue import BatchQueue, Entry
 from .errors import (
     DeadlineExceeded,
@@ -109,6 +116,15 @@ class Scheduler:
         self.in_flight = 0
         """Requests inside batches that are running now."""
         self._instances = config.instance_count
+        self.shares_cores = (
+            self._instances > 1 and model.device.type == "cpu" and not config.optimization.compile
+        )
+        """Several CPU instances: each batch runs on the intra-op threads divided by the
+        instances running at its start (`_threads_now`), so that two instances busy at once
+        take a core each where both would put a team of every core to work, and one alone
+        keeps every core. Not for `compile`: TorchInductor builds its thread count into the
+        kernels it compiles."""
+        self._threads = 1
         self._accepting = False
         self.on_loop = runs_on_loop(model)
         """Batches run on the event loop rather than on an instance's thread."""
@@ -127,6 +143,7 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._free = list(range(self._instances))
+        self._threads = torch_threads()  # the loop's thread has `--torch-threads`
         self._executors = [
             ThreadPoolExecutor(
                 1,
@@ -336,14 +353,22 @@ class Scheduler:
                 sum(e.request.rows for e in batch), took_ns / 1e6,
             )  # fmt: skip
 
+    def _threads_now(self) -> int | None:
+        """The intra-op threads of a batch starting now (its instance already taken from
+        `_free`): None (as the thread has them) unless `shares_cores`."""
+        if not self.shares_cores:
+            return None
+        return max(1, self._threads // (self._instances - len(self._free)))
+
     async def _execute(self, instance: int, batch: list[Entry]) -> None:
         """Run `batch` on `instance`'s thread."""
         loop = asyncio.get_running_loop()
         start = time.monotonic_ns()
         outcome: _Ran | Exception | None = None  # None: this task was cancelled
+        threads = self._threads_now()
         try:
             outcome = await loop.run_in_executor(
-                self._executors[instance], self._run_batch, batch, instance
+                self._executors[instance], self._run_batch, batch, instance, threads
             )
         except Exception as exc:
             outcome = exc
@@ -431,8 +456,11 @@ class Scheduler:
         if any(p.span is not None for p in probes):
             telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
-    def _run_batch(self, batch: list[Entry], instance: int) -> _Ran:
-        """On `instance`'s worker thread, or the loop: assemble, run, return the outputs."""
+    def _run_batch(self, batch: list[Entry], instance: int, threads: int | None = None) -> _Ran:
+        """On `instance`'s worker thread, or the loop: assemble, run (on `threads` intra-op
+        threads where given), return the outputs."""
+        if threads is not None:
+            use_torch_threads(threads)
         with self._claim:
             ran = [e for e in batch if not e.cancelled]
             for entry in ran:

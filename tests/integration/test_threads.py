@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +115,66 @@ def test_batches_on_the_event_loop_run_on_one_thread_and_give_the_loop_its_count
         assert modules["on_loop"].threads == [1]
         assert modules["on_thread"].threads == [before]
         assert server.call(loop_threads()) == before
+
+
+class _Holding(_Recording):
+    """`_Recording` whose first forward pass waits until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        first = not self.threads
+        y = super().__call__(x)
+        if first:
+            self.started.set()
+            assert self.release.wait(30), "the test never let the first batch go"
+        return y
+
+
+def test_cpu_instances_share_the_cores_they_run_on_at_once(tmp_path) -> None:
+    """Two CPU instances: a batch that starts alone runs on every intra-op thread, and one
+    that starts while the other instance is busy runs on its share (so two busy at once do
+    not put twice as many threads as cores to work)."""
+    from salvo.backend import LoadedModel
+
+    module = _Holding()
+
+    def loader(config, version_dir):
+        return LoadedModel(config, version_dir / "model.pt", module, torch.device("cpu"))
+
+    (tmp_path / "pair" / "1").mkdir(parents=True)
+    (tmp_path / "pair" / "config.yaml").write_text(
+        "max_batch_size: 4\n"
+        "instance_count: 2\n"
+        "inputs: [{name: x, datatype: FP32, dims: [2]}]\n"
+        "outputs: [{name: y, datatype: FP32, dims: [2]}]\n"
+        "optimization: {warmup: false}\n"
+    )
+
+    async def loop_threads() -> int:
+        return _openmp_threads()
+
+    def infer(client: tc.InferenceServerClient, value: float) -> list:
+        x = tc.InferInput("x", [1, 2], "FP32")
+        x.set_data_from_numpy(np.full((1, 2), value, dtype=np.float32))
+        return client.infer("pair", [x]).as_numpy("y").tolist()
+
+    with (
+        InProcessServer(tmp_path, loader) as server,
+        tc.InferenceServerClient(server.grpc_target) as client,
+        tc.InferenceServerClient(server.grpc_target) as other,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        every = server.call(loop_threads())
+        assert every > 1, "the loop's thread starts from OpenMP's default, every core"
+        assert server.scheduler("pair").shares_cores
+        held = pool.submit(infer, client, 1.0)  # the first batch: alone, then held
+        assert module.started.wait(30)
+        assert infer(other, 2.0) == [[4.0, 4.0]]  # runs while the first is held
+        module.release.set()
+        assert held.result(30) == [[2.0, 2.0]]
+        assert infer(client, 3.0) == [[6.0, 6.0]]  # alone again
+    assert module.threads == [every, max(1, every // 2), every]

@@ -68,7 +68,7 @@ def test_layout_and_configs(repo: Path) -> None:
         assert [(t.name, t.datatype, t.dims) for t in config.inputs] == inputs
         assert [(t.name, t.datatype, t.dims) for t in config.outputs] == outputs
         assert config.device == "auto"
-        assert config.instance_count == 1
+        assert config.instance_count == (2 if name == "resnet" else 1)
         assert config.dynamic_batching is not None
         assert config.dynamic_batching.max_queue_delay_us > 0
 
