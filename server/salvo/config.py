@@ -180,7 +180,8 @@ class ModelConfig(_Strict):
     """Copies of the model that run batches at once, each on its own thread (on CUDA, its
     own stream). On the CPU they share the intra-op threads (`--torch-threads`): a batch
     runs on those threads divided by the instances busy when it starts, so one instance
-    alone has every core and two busy at once have half each."""
+    alone has every core and two busy at once have half each (`compile` models excepted:
+    TorchInductor builds the thread count into its kernels)."""
     dynamic_batching: DynamicBatchingConfig | None = None
     version_policy: VersionPolicy = VersionPolicy()
     response_cache: ResponseCacheConfig = ResponseCacheConfig()
