@@ -7,10 +7,12 @@ import csv
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -159,6 +161,19 @@ def write_section(title: str, body: str) -> None:
         else (text.rstrip() + "\n\n" + section)
     )
     RESULTS.write_text(text.rstrip() + "\n")
+
+
+def model_alone(demo: Path, model: str, out: Path, edit: Callable[[dict], None]) -> Path:
+    """A repository at `out` holding the demo repository's `model` alone, its config.yaml
+    changed by `edit` (given the parsed document, changed in place); `out` returned."""
+    import yaml
+
+    shutil.copytree(demo / model, out / model)
+    config = out / model / "config.yaml"
+    doc = yaml.safe_load(config.read_text())
+    edit(doc)
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
 
 
 def set_hold_for_returns(config: Path, policy: str) -> bool:

@@ -13,7 +13,6 @@ frozen against as saved, per round and their median. Written to benchmarks/RESUL
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -24,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ServerProcess,
     machine,
+    model_alone,
     perf_analyzer,
     raw_throughput,
-    set_hold_for_returns,
     today,
     write_section,
 )
@@ -42,18 +41,20 @@ def repositories(root: Path) -> dict[str, Path]:
 
     demo = root / "demo"
     build_demo_repo(demo)
-    repos = {}
-    for label, frozen in VARIANTS.items():
-        repo = root / label.replace(" ", "-")
-        shutil.copytree(demo / "resnet", repo / "resnet")
-        config = repo / "resnet" / "config.yaml"
-        set_hold_for_returns(config, "until_quiet")
-        text = config.read_text()
-        if "freeze: true" not in text:
-            raise SystemExit("the demo resnet config no longer freezes; update this script")
-        config.write_text(text.replace("freeze: true", f"freeze: {str(frozen).lower()}"))
-        repos[label] = repo
-    return repos
+
+    def edit(frozen: bool):
+        def change(doc: dict) -> None:
+            if not doc.get("optimization", {}).get("freeze"):
+                raise SystemExit("the demo resnet config no longer freezes; update this script")
+            doc["optimization"]["freeze"] = frozen
+            doc["dynamic_batching"]["hold_for_returns"] = "until_quiet"
+
+        return change
+
+    return {
+        label: model_alone(demo, "resnet", root / label.replace(" ", "-"), edit(frozen))
+        for label, frozen in VARIANTS.items()
+    }
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ Written to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from common import (  # noqa: E402
     ServerProcess,
     batch_counts,
     machine,
+    model_alone,
     perf_analyzer,
     today,
     write_section,
@@ -37,23 +37,15 @@ INSTANCES = (1, 2)
 
 def repositories(root: Path) -> dict[int, Path]:
     """`resnet` alone, its demo config but for `instance_count`, once per setting."""
-    import yaml
-
     from salvo.demo import build_demo_repo
 
     demo = root / "demo"
     build_demo_repo(demo)
-    repos = {}
-    for count in INSTANCES:
-        repo = root / f"instances-{count}"
-        shutil.copytree(demo / "resnet", repo / "resnet")
-        config = repo / "resnet" / "config.yaml"
-        doc = yaml.safe_load(config.read_text())
-        doc["instance_count"] = count
-        doc["device"] = "cpu"
-        config.write_text(yaml.safe_dump(doc, sort_keys=False))
-        repos[count] = repo
-    return repos
+
+    def edit(count: int):
+        return lambda doc: doc.update(instance_count=count, device="cpu")
+
+    return {c: model_alone(demo, "resnet", root / f"instances-{c}", edit(c)) for c in INSTANCES}
 
 
 def measure(repo: Path, concurrency: int, window_ms: int) -> dict:

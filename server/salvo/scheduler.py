@@ -124,7 +124,6 @@ class Scheduler:
         take a core each where both would put a team of every core to work, and one alone
         keeps every core. Not for `compile`: TorchInductor builds its thread count into the
         kernels it compiles."""
-        self._threads = 1
         self._accepting = False
         self.on_loop = runs_on_loop(model)
         """Batches run on the event loop rather than on an instance's thread."""
@@ -143,7 +142,9 @@ class Scheduler:
         self._idle = asyncio.Event()
         self._idle.set()
         self._free = list(range(self._instances))
-        self._threads = torch_threads()  # the loop's thread has `--torch-threads`
+        self._threads = torch_threads()
+        """The intra-op threads that CPU instances share: the loop's thread has
+        `--torch-threads` (a scheduler may be made on a loader thread, which has not)."""
         self._executors = [
             ThreadPoolExecutor(
                 1,
