@@ -136,7 +136,9 @@ class OptimizationConfig(_Strict):
     hand-overs per batch (most of a fast model's per-batch cost under Python's GIL) but
     holds every other call up while it runs. `auto`: the loop for a CPU model with one
     instance whose largest batch took under 2 ms at warm-up (it moves to its thread for
-    good if three batches in a row, failed or not, hold the loop up for over 4 ms), else
+    good once batches in a row, failed or not, have held the loop up for over 4 ms each,
+    three of them at least and for a quarter of a second: shorter runs are the machine's
+    hiccups), else
     the thread; without warm-up, the thread. A forward pass that never returns stops a
     model on the loop and every other call with it: `loop` is for models known to be
     fast. Several models on the loop run one after another, not side by side. On the loop

@@ -49,8 +49,15 @@ LOOP_MAX_NS = 2_000_000
 """`execution: auto` runs a model on the event loop when its largest batch took less."""
 LOOP_GUARD_NS = 2 * LOOP_MAX_NS
 LOOP_GUARD_BATCHES = 3
-"""An `auto` model whose batches take longer than LOOP_GUARD_NS on the loop this many
-times in a row moves to its thread for good (one slow batch is the machine's hiccup)."""
+LOOP_GUARD_SPAN_NS = 250_000_000
+"""An `auto` model whose batches take longer than LOOP_GUARD_NS on the loop, this many
+times in a row and for this long, moves to its thread for good. A short run of slow
+batches is the machine's hiccup, not the model's: on a 2-core VM under streaming load,
+`mlp`'s 16-row batches (about 0.2 ms) took 4 to 7 ms three in a row in 2 of 3 runs,
+every phase (assembly, forward pass, outputs) 10 to 40 times slower in the loop thread's
+own CPU time, the runs of slow batches lasting about 15 ms. Three in a row alone moved
+`mlp` off the loop for good in those runs (benchmarks/RESULTS.md, "The loop guard and
+the machine's hiccups")."""
 
 
 def runs_on_loop(model: LoadedModel) -> bool:
@@ -128,6 +135,8 @@ class Scheduler:
         self.on_loop = runs_on_loop(model)
         """Batches run on the event loop rather than on an instance's thread."""
         self._slow_on_loop = 0
+        self._slow_since_ns = 0
+        """When the batch that began the current run of slow batches started."""
         timed = model.largest_batch_ns
         log.info(
             "model '%s' version %d: batches run on %s (execution: %s; largest batch %s)",
@@ -337,20 +346,32 @@ class Scheduler:
         except Exception as exc:
             outcome = exc
         self._settle(instance, batch, start, outcome)
-        self._watch_loop(batch, time.monotonic_ns() - start)
+        self._watch_loop(batch, start, time.monotonic_ns())
 
-    def _watch_loop(self, batch: list[Entry], took_ns: int) -> None:
+    def _watch_loop(self, batch: list[Entry], start: int, finished: int) -> None:
         """The guard of `execution: auto`: a model whose batches hold the loop up for over
-        LOOP_GUARD_NS, LOOP_GUARD_BATCHES times in a row, failed or not, moves to its
-        thread."""
-        self._slow_on_loop = self._slow_on_loop + 1 if took_ns > LOOP_GUARD_NS else 0
+        LOOP_GUARD_NS, failed or not, LOOP_GUARD_BATCHES times in a row and for at least
+        LOOP_GUARD_SPAN_NS from the first of them, moves to its thread."""
+        took_ns = finished - start
+        if took_ns <= LOOP_GUARD_NS:
+            self._slow_on_loop = 0
+            return
+        if self._slow_on_loop == 0:
+            self._slow_since_ns = start
+        self._slow_on_loop += 1
         auto = self.model.config.optimization.execution == "auto"
-        if auto and self._slow_on_loop >= LOOP_GUARD_BATCHES:
+        if (
+            auto
+            and self._slow_on_loop >= LOOP_GUARD_BATCHES
+            and finished - self._slow_since_ns >= LOOP_GUARD_SPAN_NS
+        ):
             self.on_loop = False
             log.warning(
-                "model '%s': %d batches in a row held the event loop for over %.0f ms "
-                "(the last: %d rows, %.1f ms); its batches run on its own thread from now on",
-                self.model.config.name, LOOP_GUARD_BATCHES, LOOP_GUARD_NS / 1e6,
+                "model '%s': %d batches in a row, over %.0f ms, held the event loop for over "
+                "%.0f ms each (the last: %d rows, %.1f ms); its batches run on its own thread "
+                "from now on",
+                self.model.config.name, self._slow_on_loop,
+                (finished - self._slow_since_ns) / 1e6, LOOP_GUARD_NS / 1e6,
                 sum(e.request.rows for e in batch), took_ns / 1e6,
             )  # fmt: skip
 

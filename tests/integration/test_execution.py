@@ -83,6 +83,7 @@ def test_an_auto_model_whose_batches_turn_slow_moves_to_its_thread(
     scheduler = server.scheduler("auto")
     module = loader.modules["auto"]
     monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)  # however short the run
     server.call(_put_on_loop(scheduler))
     with caplog.at_level(logging.WARNING, logger="salvo.scheduler"):
         before = len(module.threads)
@@ -103,6 +104,7 @@ def test_only_slow_batches_in_a_row_move_a_model_failed_ones_included(
     scheduler = server.scheduler("auto")
     module = loader.modules["auto"]
     server.call(_put_on_loop(scheduler))
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)
     slow, fast = -1, 10**12  # LOOP_GUARD_NS that makes every batch slow, or none
     for guard_ns in (slow, slow, fast, slow, slow):  # a fast batch restarts the count
         monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", guard_ns)
@@ -117,6 +119,29 @@ def test_only_slow_batches_in_a_row_move_a_model_failed_ones_included(
     before = len(module.threads)
     np.testing.assert_array_equal(infer(client, "auto", 5.0), [[10.0]])  # and it serves on
     assert module.threads[before] != server._thread.ident
+
+
+def test_a_short_run_of_slow_batches_is_a_hiccup_and_the_model_stays(
+    server, client, loader, monkeypatch
+):
+    """Slow batches in a row move a model only once they have lasted LOOP_GUARD_SPAN_NS:
+    a machine that stalls for a few ms slows every batch of that moment, whatever the
+    model."""
+    scheduler = server.scheduler("auto")
+    module = loader.modules["auto"]
+    server.call(_put_on_loop(scheduler))
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 10**15)  # a run this short
+    before = len(module.threads)
+    for value in range(scheduler_module.LOOP_GUARD_BATCHES + 2):
+        infer(client, "auto", float(value))
+        assert scheduler.on_loop
+    assert module.threads[before:] == [server._thread.ident] * (
+        scheduler_module.LOOP_GUARD_BATCHES + 2
+    )
+    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)  # the same run, long enough
+    infer(client, "auto", 1.0)
+    assert not scheduler.on_loop
 
 
 async def _put_on_loop(scheduler) -> None:
