@@ -53,7 +53,7 @@ LOOP_GUARD_SPAN_NS = 250_000_000
 """An `auto` model whose batches take longer than LOOP_GUARD_NS on the loop, this many
 times in a row and for this long, moves to its thread for good. A short run of slow
 batches is the machine's hiccup, not the model's: on a 2-core VM under streaming load,
-`mlp`'s 16-row batches (about 0.2 ms) took 4 to 7 ms three in a row in 2 of 3 runs,
+`mlp`'s 16-row batches (about 0.2 ms) took 4 to 7 ms three in a row in 4 of 14 runs,
 every phase (assembly, forward pass, outputs) 10 to 40 times slower in the loop thread's
 own CPU time, the runs of slow batches lasting about 15 ms. Three in a row alone moved
 `mlp` off the loop for good in those runs (benchmarks/RESULTS.md, "The loop guard and
