@@ -150,6 +150,14 @@ def raw_throughput(
     return count * batch / elapsed
 
 
+def publish(title: str, lines: list[str], write: bool) -> None:
+    """Print a benchmark's report and, if `write`, make it RESULTS.md's `## title` section."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(title, text)
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the `## title` section of RESULTS.md."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"

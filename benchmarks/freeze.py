@@ -25,9 +25,9 @@ from common import (  # noqa: E402
     machine,
     model_alone,
     perf_analyzer,
+    publish,
     raw_throughput,
     today,
-    write_section,
 )
 
 TITLE = "Frozen TorchScript: resnet as saved against frozen"
@@ -132,10 +132,7 @@ def main() -> None:
         + ", ".join(f"{r:.3f}" for r in ratios)
         + f"; median **{statistics.median(ratios):.3f}**",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(TITLE, text)
+    publish(TITLE, lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

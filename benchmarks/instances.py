@@ -27,8 +27,8 @@ from common import (  # noqa: E402
     machine,
     model_alone,
     perf_analyzer,
+    publish,
     today,
-    write_section,
 )
 
 TITLE = "Instances: resnet on one CPU instance against two (perf_analyzer)"
@@ -126,10 +126,7 @@ def main() -> None:
                 f"{median(count, concurrency, 'p99_ms'):.1f} | "
                 f"{median(count, concurrency, 'rows_per_batch'):.1f} | {ratio} |"
             )
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_section(TITLE, text)
+    publish(TITLE, lines, write=not args.no_write)
 
 
 if __name__ == "__main__":

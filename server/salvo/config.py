@@ -138,12 +138,11 @@ class OptimizationConfig(_Strict):
     instance whose largest batch took under 2 ms at warm-up (it moves to its thread for
     good once batches in a row, failed or not, have held the loop up for over 4 ms each,
     three of them at least and for a quarter of a second: shorter runs are the machine's
-    hiccups), else
-    the thread; without warm-up, the thread. A forward pass that never returns stops a
-    model on the loop and every other call with it: `loop` is for models known to be
-    fast. Several models on the loop run one after another, not side by side. On the loop
-    a batch runs on one torch thread (`backend.one_torch_thread`); on instance threads, on
-    `--torch-threads`."""
+    hiccups), else the thread; without warm-up, the thread. A forward pass that never
+    returns stops a model on the loop and every other call with it: `loop` is for models
+    known to be fast. Several models on the loop run one after another, not side by side.
+    On the loop a batch runs on one torch thread (`backend.one_torch_thread`); on instance
+    threads, on `--torch-threads`."""
 
 
 class VersionPolicy(_Strict):
