@@ -171,31 +171,38 @@ def write_section(title: str, body: str) -> None:
     RESULTS.write_text(text.rstrip() + "\n")
 
 
-def model_alone(demo: Path, model: str, out: Path, edit: Callable[[dict], None]) -> Path:
-    """A repository at `out` holding the demo repository's `model` alone, its config.yaml
-    changed by `edit` (given the parsed document, changed in place); `out` returned."""
+def edit_config(config: Path, edit: Callable[[dict], bool | None]) -> bool:
+    """Change a model's config.yaml through `edit`, given the parsed document to change in
+    place; False (and the file untouched) where `edit` returns False."""
     import yaml
 
-    shutil.copytree(demo / model, out / model)
-    config = out / model / "config.yaml"
     doc = yaml.safe_load(config.read_text())
-    edit(doc)
+    if edit(doc) is False:
+        return False
     config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return True
+
+
+def model_alone(demo: Path, model: str, out: Path, edit: Callable[[dict], None]) -> Path:
+    """A repository at `out` holding the demo repository's `model` alone, its config.yaml
+    changed by `edit` (see `edit_config`); `out` returned."""
+    shutil.copytree(demo / model, out / model)
+    edit_config(out / model / "config.yaml", edit)
     return out
 
 
 def set_hold_for_returns(config: Path, policy: str) -> bool:
     """Set `dynamic_batching.hold_for_returns` in a model's config.yaml to `policy`; False
     (and the file untouched) if the model has no dynamic_batching block."""
-    import yaml
 
-    doc = yaml.safe_load(config.read_text())
-    batching = doc.get("dynamic_batching")
-    if batching is None:
-        return False
-    batching["hold_for_returns"] = policy
-    config.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return True
+    def change(doc: dict) -> bool:
+        batching = doc.get("dynamic_batching")
+        if batching is None:
+            return False
+        batching["hold_for_returns"] = policy
+        return True
+
+    return edit_config(config, change)
 
 
 def today() -> str:
