@@ -12,8 +12,7 @@ over one stream. Failures raise the typed exceptions of `salvo_client.errors`. T
 are in `salvo_client.proto`, in a private descriptor pool.
 """
 
-from salvo_client._common import RetryPolicy, StreamResult, datatype_of
-from salvo_client.aio import AsyncInferenceClient, AsyncInferStream, Pipeline
+from salvo_client.aio import AsyncInferenceClient, AsyncInferStream
 from salvo_client.client import InferenceClient, InferStream
 from salvo_client.errors import (
     Cancelled,
@@ -27,6 +26,10 @@ from salvo_client.errors import (
     Unauthenticated,
     Unavailable,
 )
+from salvo_client.messages import StreamResult
+from salvo_client.pipeline import Pipeline
+from salvo_client.retry import RetryPolicy
+from salvo_client.tensors import datatype_of
 
 __all__ = [
     "AsyncInferStream",

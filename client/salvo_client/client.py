@@ -21,20 +21,20 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from salvo_client._common import (
-    ClientConfig,
+from salvo_client.channel import ClientConfig
+from salvo_client.errors import from_rpc_error
+from salvo_client.messages import (
     Param,
     RequestIds,
     StreamResult,
     build_request,
-    decode_outputs,
     result_of,
     version_str,
 )
-from salvo_client.errors import from_rpc_error
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from salvo_client.proto import model_config_pb2 as mc
+from salvo_client.tensors import decode_outputs
 
 __all__ = ["InferStream", "InferenceClient"]
 

@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 from google.protobuf.json_format import MessageToDict
 
-from salvo_client._common import DEFAULT_URL, WIRE_DTYPES
+from salvo_client.channel import DEFAULT_URL
 from salvo_client.client import InferenceClient
 from salvo_client.errors import SalvoClientError
 from salvo_client.proto import grpc_service_pb2 as pb
+from salvo_client.tensors import WIRE_DTYPES
 
 __all__ = ["add_commands", "main"]
 

@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
 from salvo_client import InferenceClient, ResourceExhausted
-from salvo_client._common import build_request
+from salvo_client.messages import build_request
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 from tests.servers import InProcessServer

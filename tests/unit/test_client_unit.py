@@ -29,21 +29,13 @@ from salvo.errors import (
     Overloaded,
     SalvoError,
 )
-from salvo_client import _common, errors
-from salvo_client._common import (
-    RetryPolicy,
-    build_request,
-    channel_setup,
-    datatype_of,
-    decode_outputs,
-    decode_tensor,
-    encode_tensor,
-    resolve_target,
-    result_of,
-    trace_metadata,
-)
+from salvo_client import channel, errors
+from salvo_client.channel import channel_setup, resolve_target, trace_metadata
 from salvo_client.commands import _parse_input
+from salvo_client.messages import build_request, result_of
 from salvo_client.proto import grpc_service_pb2 as pb
+from salvo_client.retry import RetryPolicy
+from salvo_client.tensors import datatype_of, decode_outputs, decode_tensor, encode_tensor
 
 FIXED = {
     "BOOL": np.bool_,
@@ -379,7 +371,7 @@ def test_targets():
         resolve_target(["dns:///a:1", "127.0.0.2:1"])
 
 
-def _setup(**overrides: Any) -> _common.ChannelSetup:
+def _setup(**overrides: Any) -> channel.ChannelSetup:
     kwargs: dict[str, Any] = {
         "timeout_s": 5.0,
         "retries": 2,
@@ -429,7 +421,7 @@ def test_trace_context_is_injected_when_opentelemetry_is_there(monkeypatch):
         carrier["traceparent"] = parent
         carrier["tracestate"] = "k=v"
 
-    monkeypatch.setattr(_common, "_otel_inject", inject)
+    monkeypatch.setattr(channel, "_otel_inject", inject)
     assert trace_metadata() == (("traceparent", parent), ("tracestate", "k=v"))
     setup = _setup(token="tok")
     assert setup.call_metadata() == (
@@ -441,9 +433,9 @@ def test_trace_context_is_injected_when_opentelemetry_is_there(monkeypatch):
     def broken(carrier):
         raise RuntimeError("collector down")
 
-    monkeypatch.setattr(_common, "_otel_inject", broken)
+    monkeypatch.setattr(channel, "_otel_inject", broken)
     assert trace_metadata() == ()
-    monkeypatch.setattr(_common, "_otel_inject", None)
+    monkeypatch.setattr(channel, "_otel_inject", None)
     assert trace_metadata() == () and setup.call_metadata() == (("authorization", "Bearer tok"),)
 
 
