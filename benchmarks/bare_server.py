@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from salvo.config import ModelConfig, load_config
-from salvo.servicer import config_to_proto
+from salvo.domain.config import ModelConfig, load_config
+from salvo.frontends.grpc.codec import config_to_proto
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 

@@ -54,7 +54,7 @@ from common import (  # noqa: E402
     write_section,
 )
 
-from salvo.config import load_config  # noqa: E402
+from salvo.domain.config import load_config  # noqa: E402
 
 TITLE = "Side by side: Salvo, MLServer and the bare gRPC ceiling (perf_analyzer)"
 MODELS = ("mlp", "resnet")

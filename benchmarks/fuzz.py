@@ -164,8 +164,8 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args()
 
-    from salvo.config import load_config
     from salvo.demo import build_demo_repo
+    from salvo.domain.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp)

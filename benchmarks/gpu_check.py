@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from salvo.backend import LoadedModel  # noqa: E402
-from salvo.config import load_config  # noqa: E402
 from salvo.demo import build_demo_repo  # noqa: E402
+from salvo.domain.config import load_config  # noqa: E402
+from salvo.engine.backend import LoadedModel  # noqa: E402
 from tests.servers import ServerProcess  # noqa: E402
 
 VARIANTS = [  # (label, optimization)

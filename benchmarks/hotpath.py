@@ -86,7 +86,7 @@ def _child(pid: int) -> int | None:
 
 def loop_stacks(raw: Path) -> list[tuple[list[str], int]]:
     """The event-loop thread's stacks (root first) and their sample counts: the busiest
-    thread that ran the servicer (uvloop's loop has no Python frame of its own)."""
+    thread that ran the data plane (uvloop's loop has no Python frame of its own)."""
     by_thread: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -99,7 +99,7 @@ def loop_stacks(raw: Path) -> list[tuple[list[str], int]]:
     loops = [
         stacks
         for stacks in by_thread.values()
-        if any("servicer.py" in f for frames, _ in stacks for f in frames)
+        if any("dataplane.py" in f for frames, _ in stacks for f in frames)
     ]
     return max(loops, key=lambda stacks: sum(c for _, c in stacks)) if loops else []
 

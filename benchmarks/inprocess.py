@@ -1,8 +1,9 @@
 """Salvo's own cost per request, without gRPC, and the collector's pauses.
 
 A real `SalvoServer` is started (ports 0, the demo `mlp` with and without the response
-cache) and its servicer's ModelInfer path is called in-process by 16 concurrent callers:
-decode, validate, cache, queue, batch, run, encode, statistics and telemetry, with no
+cache) and its gRPC front end's ModelInfer path (message to `MessageRequest`, the data
+plane, the response encoded) is called in-process by 16 concurrent callers: decode,
+validate, route, cache, queue, batch, run, encode, statistics and telemetry, with no
 socket. Each setting runs in a fresh process, rounds alternate the order, and every
 request is unique (with the cache on, each is a miss and is stored: the cache grows as a
 busy server's does). Garbage-collector passes are timed with `gc.callbacks`: "frozen" is
@@ -42,9 +43,10 @@ CONCURRENCY = 16
 async def measure(repo: Path, model: str, frozen: bool, requests: int) -> dict:
     import torch
 
+    from salvo.frontends.grpc.messages import MessageRequest, encode_response
+    from salvo.observability.telemetry import Probe
+    from salvo.ops.settings import Settings
     from salvo.server import SalvoServer
-    from salvo.settings import Settings
-    from salvo.telemetry import Probe
     from salvo_client.proto import grpc_service_pb2 as pb
 
     torch.set_num_threads(1)
@@ -60,7 +62,7 @@ async def measure(repo: Path, model: str, frozen: bool, requests: int) -> dict:
         request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
         request.raw_input_contents.append(rng.random((1, 64), dtype=np.float32).tobytes())
         messages.append(request.SerializeToString())
-    servicer, telemetry = server.servicer, server.telemetry
+    dataplane, plans, telemetry = server.dataplane, server.servicer.plans, server.telemetry
     pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
     started = [0.0]
 
@@ -74,7 +76,8 @@ async def measure(repo: Path, model: str, frozen: bool, requests: int) -> dict:
         request = pb.ModelInferRequest.FromString(message)
         begin = time.perf_counter()
         probe = Probe(telemetry.start_rpc("ModelInfer", tuple)) if telemetry else None
-        await servicer._infer(request, None, probe)  # the serialized response
+        response = await dataplane.infer(MessageRequest(request, plans, None, probe))
+        encode_response(response, plans)  # the serialized response
         if telemetry is not None:
             telemetry.end_rpc("ModelInfer", probe, "OK", "", time.perf_counter() - begin)
 
@@ -143,7 +146,7 @@ def report(runs: dict[str, list[dict]], args: argparse.Namespace) -> str:
         f"Command: `python benchmarks/inprocess.py{flags}`, {today()}.",
         f"Machine: {machine()}.",
         f"Load: {args.requests:,} unique batch-1 `mlp` requests after as many for warm-up, "
-        f"{CONCURRENCY} concurrent callers of the servicer's ModelInfer path in the server's "
+        f"{CONCURRENCY} concurrent callers of the gRPC ModelInfer path in the server's "
         "own process (no socket), one torch thread, telemetry on; a fresh process per "
         f"setting, {args.rounds} rounds in alternating order. µs/request is the median "
         "round; collector passes are summed over the rounds.",

@@ -20,8 +20,8 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from hypothesis import strategies as st
 
-from salvo.config import ModelConfig
-from salvo.datatypes import DATATYPES
+from salvo.domain.config import ModelConfig
+from salvo.domain.datatypes import DATATYPES
 from salvo_client.proto import grpc_service_pb2 as pb
 
 Code = grpc.StatusCode

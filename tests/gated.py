@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from salvo.backend import LoadedModel
-from salvo.config import ModelConfig
+from salvo.domain.config import ModelConfig
+from salvo.engine.backend import LoadedModel
 
 POISON = -1.0
 """A request carrying this value makes its batch raise."""

@@ -137,7 +137,7 @@ class InProcessServer:
     """
 
     def __init__(self, repository: Path, loader=None, telemetry=None, **settings):
-        from salvo.settings import Settings
+        from salvo.ops.settings import Settings
 
         settings.setdefault("shutdown_grace_s", 0)
         self.settings = Settings(
@@ -192,7 +192,7 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def scheduler(self, model: str):
-        return self.server.models.get(model).scheduler
+        return self.server.router.route(model).scheduler
 
     def wait_queued(self, model: str, count: int, timeout_s: float = 30) -> None:
         """Block until `count` requests of `model` wait in its queue (no polling)."""

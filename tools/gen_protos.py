@@ -3,7 +3,7 @@
 The stubs are rewritten to register their descriptors in Salvo's own descriptor pool
 (salvo_client.proto._pool) rather than protobuf's default one. tritonclient registers the
 same `inference.*` names in the default pool, so without this the two could never be
-imported into one process (see shared/FACTS.md).
+imported into one process ("duplicate symbol inference.ServerLiveRequest").
 
 Usage: python tools/gen_protos.py [OUT_DIR]
 """

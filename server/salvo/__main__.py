@@ -1,3 +1,3 @@
-from .cli import main
+from salvo.cli import main
 
 raise SystemExit(main())

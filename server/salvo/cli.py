@@ -71,8 +71,8 @@ a secret on a command line is visible to every user of the machine)."""
 def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from .errors import ConfigError
-    from .settings import Settings
+    from salvo.domain.status import ConfigError
+    from salvo.ops.settings import Settings
 
     overrides = {
         key: value
@@ -97,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _setup_logging(settings.log_level)
     if settings.workers > 1:
-        from .workers import Supervisor
+        from salvo.supervisor import Supervisor
 
         run_event_loop(Supervisor(settings, settings.workers).run_until_signalled(), "asyncio")
         return 0
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    from .server import SalvoServer
+    from salvo.server import SalvoServer
 
     async def main() -> None:
         await SalvoServer(settings).run_until_signalled()
@@ -119,7 +119,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo_repo(args: argparse.Namespace) -> int:
-    from .demo import build_demo_repo
+    from salvo.demo import build_demo_repo
 
     started = time.monotonic()
     build_demo_repo(Path(args.directory))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import (
+from salvo.domain.config import (
     DynamicBatchingConfig,
     ModelConfig,
     OptimizationConfig,
@@ -303,11 +303,11 @@ def _build_resnet(model_dir: Path) -> None:
         device="auto",
         # Two instances: on a CPU they share the cores (each batch on the intra-op threads
         # divided by the instances busy at its start), so that under load one batch runs
-        # while the other's requests come in (benchmarks/RESULTS.md, "Instances").
+        # while the other's requests come in (1.2x at concurrency 64: make bench-instances).
         instance_count=2,
         dynamic_batching=DynamicBatchingConfig(max_queue_delay_us=10000),
-        # Frozen and optimized for inference at load: 1.2x served on this machine's CPU
-        # (benchmarks/RESULTS.md, "Frozen TorchScript").
+        # Frozen and optimized for inference at load: 1.2x served on a 2-core CPU
+        # (make bench-freeze).
         optimization=OptimizationConfig(freeze=True),
     )
     version_dir = _save_version(model_dir, config)

@@ -1,10 +1,9 @@
 """`salvo serve --workers N`: N server processes sharing the gRPC port, under one supervisor.
 
-One Python process serves gRPC on one core at most: its event loop runs every RPC, and on
-this project's machines that loop, not the model, is what limits small models (see
-benchmarks/RESULTS.md). Several processes bound to the same port with SO_REUSEPORT let the
-kernel spread connections over them, each with its own models and event loop, and torch's
-intra-op threads divided among them.
+One Python process serves gRPC on one core at most: its event loop runs every RPC, and for
+small models that loop, not the model, is what limits throughput. Several processes bound
+to the same port with SO_REUSEPORT let the kernel spread connections over them, each with
+its own models and event loop, and torch's intra-op threads divided among them.
 
 The supervisor loads no model. It
 - reserves the gRPC port (port 0 picks one) and starts each worker as `salvo serve` with
@@ -40,10 +39,10 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .httpserver import HttpServer
-from .settings import Settings
+from salvo.frontends.http.server import HttpServer
+from salvo.ops.settings import Settings
 
-log = logging.getLogger("salvo.workers")
+log = logging.getLogger("salvo.supervisor")
 
 WORKER_ENV = "SALVO_WORKER_ID"
 """Set in each worker's environment: its index, for its log lines and its telemetry."""
@@ -55,10 +54,10 @@ LOG_LINE_LIMIT = 1 << 20
 
 
 def default_workers() -> int:
-    """What `--workers` means when left out: one process, as a single server always was.
+    """What `--workers` means when left out: one process.
 
     Set SALVO_WORKERS or --workers to the number of cores for overhead-bound models
-    (measured in benchmarks/RESULTS.md).
+    (`make bench-workers` measures what it gains).
     """
     return 1
 

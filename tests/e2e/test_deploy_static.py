@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from salvo.settings import Settings
+from salvo.ops.settings import Settings
 from tests.tools import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from salvo.workers import merge_metrics
+from salvo.supervisor import merge_metrics
 from tests.servers import ServerProcess
 
 X = np.zeros((1, 64), np.float32)

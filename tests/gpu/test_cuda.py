@@ -18,9 +18,9 @@ import torch
 import tritonclient.grpc as tc
 from prometheus_client.parser import text_string_to_metric_families
 
-from salvo.backend import LoadedModel
-from salvo.config import ModelConfig, TensorConfig, load_config
-from salvo.errors import ConfigError
+from salvo.domain.config import ModelConfig, TensorConfig, load_config
+from salvo.domain.status import ConfigError
+from salvo.engine.backend import LoadedModel
 from tests.servers import InProcessServer, ServerProcess
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -120,7 +120,7 @@ def test_server_with_graphs_and_two_instances_answers_concurrent_callers(demo_re
             return x, client.infer("resnet", [tensor]).as_numpy("output")
 
     with InProcessServer(repo) as server:
-        loaded = server.server.models.get("resnet").model
+        loaded = server.server.router.route("resnet").model
         assert len(loaded._instances) == 2 and all(i.graphs for i in loaded._instances)
         batches = collections.Counter()
         for index, instance in enumerate(loaded._instances):
@@ -177,7 +177,7 @@ def test_server_batches_on_cuda_and_answers_like_the_cpu(demo_repo):
         InProcessServer(demo_repo) as server,
         tc.InferenceServerClient(server.grpc_target) as client,
     ):
-        assert server.server.models.get("resnet").model.device.type == "cuda"
+        assert server.server.router.route("resnet").model.device.type == "cuda"
         kind = client.get_model_config("resnet").config.instance_group[0].kind
         assert kind == tc.model_config_pb2.ModelInstanceGroup.KIND_GPU
         answers: queue.Queue = queue.Queue()
@@ -223,7 +223,7 @@ def test_lower_precision_on_cuda_stays_close_to_fp32(demo_repo, precision):
 
 
 def test_a_batch_that_exhausts_device_memory_fails_alone(demo_repo):
-    from salvo.errors import Overloaded
+    from salvo.domain.status import Overloaded
 
     config = load_config(demo_repo / "mlp").model_copy(update={"device": "cuda"})
     model = LoadedModel.load(config, demo_repo / "mlp" / "1")

@@ -42,7 +42,7 @@ def test_compiled_model_answers_like_the_model(tmp_path):
         InProcessServer(tmp_path) as server,
         tc.InferenceServerClient(server.grpc_target) as client,
     ):
-        module = server.server.models.get("net").model.module
+        module = server.server.router.route("net").model.module
         assert isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
         for rows in (1, 3, 16, 7):  # compiled at load for 1 and 16; dynamic in between
             x = np.random.default_rng(rows).standard_normal((rows, 12)).astype(np.float32)

@@ -12,7 +12,7 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from salvo import scheduler as scheduler_module
+from salvo.engine import execution as execution_module
 from tests.gated import POISON, GatedLoader, serving
 from tests.servers import InProcessServer
 
@@ -82,18 +82,18 @@ def test_an_auto_model_whose_batches_turn_slow_moves_to_its_thread(
 ):
     scheduler = server.scheduler("auto")
     module = loader.modules["auto"]
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)  # however short the run
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_SPAN_NS", 0)  # however short the run
     server.call(_put_on_loop(scheduler))
-    with caplog.at_level(logging.WARNING, logger="salvo.scheduler"):
+    with caplog.at_level(logging.WARNING, logger="salvo.engine.scheduler"):
         before = len(module.threads)
-        for value in range(scheduler_module.LOOP_GUARD_BATCHES):
+        for value in range(execution_module.LOOP_GUARD_BATCHES):
             assert scheduler.on_loop  # one slow batch is a hiccup, not a reason to move
             infer(client, "auto", float(value))
         assert not scheduler.on_loop
         infer(client, "auto", 9.0)  # the next batch runs on the model's thread
     ran = module.threads[before:]
-    assert ran[:-1] == [server._thread.ident] * scheduler_module.LOOP_GUARD_BATCHES
+    assert ran[:-1] == [server._thread.ident] * execution_module.LOOP_GUARD_BATCHES
     assert ran[-1] != server._thread.ident
     assert any("run on its own thread from now on" in r.getMessage() for r in caplog.records)
 
@@ -104,10 +104,10 @@ def test_only_slow_batches_in_a_row_move_a_model_failed_ones_included(
     scheduler = server.scheduler("auto")
     module = loader.modules["auto"]
     server.call(_put_on_loop(scheduler))
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_SPAN_NS", 0)
     slow, fast = -1, 10**12  # LOOP_GUARD_NS that makes every batch slow, or none
     for guard_ns in (slow, slow, fast, slow, slow):  # a fast batch restarts the count
-        monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", guard_ns)
+        monkeypatch.setattr(execution_module, "LOOP_GUARD_NS", guard_ns)
         infer(client, "auto", 1.0)
         assert scheduler.on_loop
     x = tc.InferInput("x", [1, 1], "FP32")
@@ -130,23 +130,23 @@ def test_a_short_run_of_slow_batches_is_a_hiccup_and_the_model_stays(
     scheduler = server.scheduler("auto")
     module = loader.modules["auto"]
     server.call(_put_on_loop(scheduler))
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 10**15)  # a run this short
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_NS", -1)  # every batch counts as slow
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_SPAN_NS", 10**15)  # a run this short
     before = len(module.threads)
-    for value in range(scheduler_module.LOOP_GUARD_BATCHES + 2):
+    for value in range(execution_module.LOOP_GUARD_BATCHES + 2):
         infer(client, "auto", float(value))
         assert scheduler.on_loop
     assert module.threads[before:] == [server._thread.ident] * (
-        scheduler_module.LOOP_GUARD_BATCHES + 2
+        execution_module.LOOP_GUARD_BATCHES + 2
     )
-    monkeypatch.setattr(scheduler_module, "LOOP_GUARD_SPAN_NS", 0)  # the same run, long enough
+    monkeypatch.setattr(execution_module, "LOOP_GUARD_SPAN_NS", 0)  # the same run, long enough
     infer(client, "auto", 1.0)
     assert not scheduler.on_loop
 
 
 async def _put_on_loop(scheduler) -> None:
     scheduler.on_loop = True  # as `auto` decides for a model timed fast at warm-up
-    scheduler._slow_on_loop = 0  # and with no slow batch seen yet
+    scheduler._guard.slow = 0  # and with no slow batch seen yet
 
 
 def test_the_demo_mlp_runs_on_the_loop_and_resnet_on_its_thread(demo_repo: Path, tmp_path):
@@ -154,8 +154,8 @@ def test_the_demo_mlp_runs_on_the_loop_and_resnet_on_its_thread(demo_repo: Path,
         shutil.copytree(demo_repo / name, tmp_path / name)
     with InProcessServer(tmp_path) as server:
         mlp, resnet = server.scheduler("mlp"), server.scheduler("resnet")
-        assert mlp.model.largest_batch_ns < scheduler_module.LOOP_MAX_NS and mlp.on_loop
-        assert resnet.model.largest_batch_ns > scheduler_module.LOOP_MAX_NS
+        assert mlp.model.largest_batch_ns < execution_module.LOOP_MAX_NS and mlp.on_loop
+        assert resnet.model.largest_batch_ns > execution_module.LOOP_MAX_NS
         assert not resnet.on_loop
 
 

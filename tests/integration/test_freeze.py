@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tritonclient.grpc as tc
 
-from salvo.backend import LoadedModel
-from salvo.config import load_config
+from salvo.domain.config import load_config
+from salvo.engine.backend import LoadedModel
 from tests.servers import InProcessServer
 
 
@@ -36,7 +36,7 @@ def test_frozen_resnet_answers_like_the_model_as_saved(demo_repo, tmp_path):
             return x, client.infer("resnet", [tensor]).as_numpy("output")
 
     with InProcessServer(tmp_path) as server:
-        served = server.server.models.get("resnet").model.module
+        served = server.server.router.route("resnet").model.module
         assert "prim::GetAttr" not in str(served.graph)  # frozen: the weights are constants
         with ThreadPoolExecutor(8) as pool:
             answers = list(pool.map(call, range(24)))

@@ -16,7 +16,7 @@ import tritonclient.grpc as tc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from salvo.config import load_config
+from salvo.domain.config import load_config
 from salvo_client.proto import grpc_service_pb2 as pb
 from tests.fuzzing import (
     HOSTILE_NAMES,

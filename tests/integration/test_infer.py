@@ -13,7 +13,7 @@ import torch
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 
-from salvo.codec import encode_tensor_typed
+from salvo.frontends.grpc.codec import encode_tensor_typed
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
 

@@ -26,7 +26,7 @@ def test_a_closed_gate_refuses_through_the_access_interceptor(demo_repo, tmp_pat
         assert client.infer("mlp", X)["output"].shape == (1, 10)  # the wrapper is now cached
 
         async def close() -> None:
-            server.server.gate.close("the server is shutting down")
+            server.server.grpc.close("the server is shutting down")
 
         server.call(close())
         with pytest.raises(Unavailable, match="shutting down"):

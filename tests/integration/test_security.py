@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from salvo.errors import ConfigError
+from salvo.domain.status import ConfigError
+from salvo.ops.settings import Settings
 from salvo.server import SalvoServer
-from salvo.settings import Settings
 from salvo_client import (
     InferenceClient,
     PermissionDenied,

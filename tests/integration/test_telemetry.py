@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from salvo.telemetry import Telemetry
+from salvo.observability.telemetry import Telemetry
 from tests.gated import POISON, GatedLoader, write_model
 from tests.servers import InProcessServer
 

@@ -1,9 +1,9 @@
 """`--torch-threads` reaches the threads that run models, not only the main thread.
 
 OpenMP keeps its thread count per thread and a new thread starts from its default (every
-core): before salvo.backend.inherit_torch_threads, a model's executor thread ran batches on
-a team of every core whatever `--torch-threads` said, and the idle team member spun between
-batches. The check asks libgomp itself, in the thread that ran the batch: torch's own
+core): without salvo.engine.threads.inherit_torch_threads, a model's executor thread runs
+batches on a team of every core whatever `--torch-threads` says, and the idle team member
+spins between batches. The check asks libgomp itself, in the thread that ran the batch: torch's own
 report (`torch.__config__.parallel_info()`) sets the count as it reads it, so it would hide
 the fault.
 """
@@ -80,7 +80,7 @@ def test_batches_on_the_event_loop_run_on_one_thread_and_give_the_loop_its_count
 ) -> None:
     """A fast model's batches run on the event loop on one OpenMP thread (a team's second
     thread would spin on the core gRPC needs); its instance threads keep the count set."""
-    from salvo.backend import LoadedModel
+    from salvo.engine.backend import LoadedModel
 
     modules: dict[str, _Recording] = {}
 
@@ -138,7 +138,7 @@ def test_cpu_instances_share_the_cores_they_run_on_at_once(tmp_path) -> None:
     """Two CPU instances: a batch that starts alone runs on every intra-op thread, and one
     that starts while the other instance is busy runs on its share (so two busy at once do
     not put twice as many threads as cores to work)."""
-    from salvo.backend import LoadedModel
+    from salvo.engine.backend import LoadedModel
 
     module = _Holding()
 

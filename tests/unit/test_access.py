@@ -6,24 +6,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import grpc
 import pytest
 from pydantic import ValidationError
 
-from salvo.admission import RateLimiter
-from salvo.auth import (
-    AccessInterceptor,
-    Principal,
-    Tokens,
-    build_interceptors,
-    load_tokens,
-    peer_host,
-    refusal_of,
-    repository_changes_allowed,
-)
-from salvo.errors import ConfigError
-from salvo.settings import Settings
-from salvo.transport import grpc_options
+from salvo.core.admission import Admission, Principal, RateLimiter, Tokens, load_tokens
+from salvo.domain.status import ConfigError, Status
+from salvo.frontends.grpc.access import AccessInterceptor, build_interceptors, peer_host, refusal_of
+from salvo.frontends.grpc.transport import grpc_options
+from salvo.ops.access import admission_from, repository_changes_allowed
+from salvo.ops.settings import Settings
 from salvo_client.proto import grpc_service_pb2 as pb
 
 
@@ -63,19 +54,32 @@ def test_a_bad_tokens_file_names_the_entry_and_never_the_token(tmp_path, text, m
 
 
 def test_rights_per_model_and_for_the_repository():
+    admission = Admission(Tokens({}), None)
     team = Principal("team-a", frozenset({"mlp"}), False)
-    assert refusal_of(team, "ModelInfer", pb.ModelInferRequest(model_name="mlp")) is None
-    denied = refusal_of(team, "ModelConfig", pb.ModelConfigRequest(name="resnet"))
-    assert denied is not None and denied.code == grpc.StatusCode.PERMISSION_DENIED
+
+    def refusal(principal, rpc, request):
+        return refusal_of(admission, principal, principal.name, rpc, request)
+
+    assert refusal(team, "ModelInfer", pb.ModelInferRequest(model_name="mlp")) is None
+    denied = refusal(team, "ModelConfig", pb.ModelConfigRequest(name="resnet"))
+    assert denied is not None and denied.status is Status.PERMISSION_DENIED
     assert "model 'resnet'" in denied.message
-    every = refusal_of(team, "ModelStatistics", pb.ModelStatisticsRequest())
+    every = refusal(team, "ModelStatistics", pb.ModelStatisticsRequest())
     assert every is not None and "every model" in every.message
-    index = refusal_of(team, "RepositoryIndex", pb.RepositoryIndexRequest())
+    index = refusal(team, "RepositoryIndex", pb.RepositoryIndexRequest())
     assert index is not None and "RepositoryIndex" in index.message
-    assert refusal_of(team, "ServerMetadata", pb.ServerMetadataRequest()) is None
+    assert refusal(team, "ServerMetadata", pb.ServerMetadataRequest()) is None
     ops = Principal("ops", None, True)
     load = pb.RepositoryModelLoadRequest(model_name="resnet")
-    assert refusal_of(ops, "RepositoryModelLoad", load) is None
+    assert refusal(ops, "RepositoryModelLoad", load) is None
+
+
+def test_the_rate_limit_refuses_with_the_wait_to_push_back():
+    admission = Admission(None, RateLimiter(rate_per_s=2, burst=1))
+    assert admission.check(None, "peer", "ModelInfer", "mlp", now=0.0) is None
+    refused = admission.check(None, "peer", "ModelInfer", "mlp", now=0.0)
+    assert refused is not None and refused.status is Status.RESOURCE_EXHAUSTED
+    assert refused.retry_after_ms == 500 and "client 'peer'" in refused.message
 
 
 def test_peer_identity_leaves_out_the_port():
@@ -107,12 +111,13 @@ def test_idle_buckets_are_forgotten_beyond_the_cap():
 
 
 def test_interceptor_only_when_configured(tmp_path):
-    assert build_interceptors(Settings()) == []
-    (interceptor,) = build_interceptors(Settings(rate_limit_per_s=5))
-    assert isinstance(interceptor, AccessInterceptor) and interceptor.tokens is None
-    (interceptor,) = build_interceptors(Settings(auth_token="s3cret"))
-    assert interceptor.limiter is None
-    assert interceptor.tokens is not None and interceptor.tokens.get("s3cret") is not None
+    assert admission_from(Settings()) is None and build_interceptors(None) == []
+    (interceptor,) = build_interceptors(admission_from(Settings(rate_limit_per_s=5)))
+    assert isinstance(interceptor, AccessInterceptor) and interceptor.admission.tokens is None
+    (interceptor,) = build_interceptors(admission_from(Settings(auth_token="s3cret")))
+    admission = interceptor.admission
+    assert admission.limiter is None
+    assert admission.tokens is not None and admission.tokens.get("s3cret") is not None
 
 
 @pytest.mark.parametrize(

@@ -9,15 +9,15 @@ import zipfile
 from pathlib import Path
 from unittest import mock
 
-import grpc
 import numpy as np
 import pytest
 import torch
 import torch.export.pt2_archive._package  # noqa: F401  (import before pickle is patched)
 
-from salvo.backend import LoadedModel, _graph_buckets
-from salvo.config import DynamicBatchingConfig, ModelConfig, OptimizationConfig, TensorConfig
-from salvo.errors import ConfigError, ModelFailed, Overloaded
+from salvo.domain.config import DynamicBatchingConfig, ModelConfig, OptimizationConfig, TensorConfig
+from salvo.domain.status import ConfigError, ModelFailed, Overloaded, Status
+from salvo.engine.backend import LoadedModel
+from salvo.engine.cuda import graph_buckets
 
 CONFIG = ModelConfig(
     name="lin",
@@ -222,7 +222,7 @@ def test_device_out_of_memory_fails_the_batch_with_resource_exhausted(tmp_path):
         Overloaded, match="model 'lin' ran out of device memory on a batch of 3 rows"
     ) as info:
         model.run([np.ones((3, 4), np.float32)])
-    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert info.value.status is Status.RESOURCE_EXHAUSTED
 
 
 def test_bf16_roundtrip(tmp_path):
@@ -262,7 +262,7 @@ def test_cuda_graph_buckets_cover_every_batch_size(max_batch_size, preferred, bu
             "dynamic_batching": DynamicBatchingConfig(preferred_batch_sizes=preferred),
         }
     )
-    assert _graph_buckets(config) == buckets
+    assert graph_buckets(config) == buckets
 
 
 def test_compile_is_refused_for_torchscript_naming_the_file(tmp_path):
@@ -344,7 +344,7 @@ def test_read_only_request_arrays_run_with_user_warnings_as_errors(tmp_path):
     script = f"""
 from pathlib import Path
 import numpy as np
-from salvo.backend import LoadedModel
+from salvo.engine.backend import LoadedModel
 from tests.unit.test_backend import CONFIG
 model = LoadedModel.load(CONFIG, Path({str(tmp_path / "1")!r}))
 x = np.frombuffer(np.ones((2, 4), np.float32).tobytes(), np.float32).reshape(2, 4)

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.batch_queue import MAX_MISSES, QUIET_CAP, QUIET_ENDS, BatchQueue, Entry
-from salvo.errors import Overloaded
+from salvo.domain.status import Overloaded
+from salvo.engine.batch_queue import MAX_MISSES, QUIET_CAP, QUIET_ENDS, BatchQueue, Entry
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The response cache: keys, LRU under a byte bound, coalescing, and what is never stored."""
+"""The response cache: keys from domain data, LRU under a byte bound, aliases, kept
+encodings, coalescing, and what is never stored."""
 
 from __future__ import annotations
 
@@ -8,25 +9,39 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from salvo.cache import (
+from salvo.core.cache import (
     ALIAS_OVERHEAD_BYTES,
     ENTRY_OVERHEAD_BYTES,
     FINGERPRINT_SAMPLE_BYTES,
     MAX_ALIASES_PER_ENTRY,
     ResponseCache,
 )
-from salvo.codec import Tensor, decode_inputs, encode_tensor_typed
+from salvo.domain.config import ModelConfig
+from salvo.domain.types import Prepared
+from salvo.domain.validation import DecodedRequest
+from salvo.frontends.grpc.codec import decode_inputs, encode_tensor_typed
 from salvo_client.proto import grpc_service_pb2 as pb
 
+CONFIG = ModelConfig(
+    name="m",
+    max_batch_size=8,
+    inputs=[{"name": n, "datatype": "FP32", "dims": [-1]} for n in "ab"],
+    outputs=[{"name": n, "datatype": "FP32", "dims": [1]} for n in "xy"],
+)
 
-def tensor(name="x", datatype="FP32", data=None, shape=None):
-    data = np.arange(4, dtype=np.float32).reshape(2, 2) if data is None else data
-    return Tensor(name, datatype, tuple(shape or data.shape), data)
+
+def prepared(model="m", version=1, a=None, b=None, outputs=(0,), parameters=None) -> Prepared:
+    a = np.arange(4, dtype=np.float32).reshape(2, 2) if a is None else a
+    b = np.ones((2, 2), np.float32) if b is None else b
+    return Prepared(model, version, "", (a, b), outputs, a.shape[0], parameters or {})
 
 
-def key(cache=None, model="m", version=1, tensors=None, outputs=(), parameters=None):
-    cache = cache or ResponseCache(1 << 20)
-    return cache.key(model, version, tensors or [tensor()], list(outputs), parameters or {})
+def key(cache=None, **change):
+    return (cache or ResponseCache(1 << 20)).key(prepared(**change))
+
+
+def outputs(nbytes: int, fill: float = 0.0) -> list[np.ndarray]:
+    return [np.full(nbytes // 4, fill, np.float32)]
 
 
 def test_same_request_same_key():
@@ -38,108 +53,133 @@ def test_same_request_same_key():
     [
         {"model": "other"},
         {"version": 2},
-        {"outputs": ("y",)},
+        {"outputs": (1,)},
+        {"outputs": (0, 1)},
         {"parameters": {"temperature": 1}},
-        {"tensors": [tensor(data=np.arange(4, dtype=np.float32).reshape(4, 1))]},  # shape
-        {
-            "tensors": [
-                tensor(
-                    datatype="INT32",
-                    data=np.arange(4, dtype=np.float32).view(np.int32).reshape(2, 2),
-                )
-            ]
-        },
-        {"tensors": [tensor(data=np.arange(1, 5, dtype=np.float32).reshape(2, 2))]},  # bytes
-        {"tensors": [tensor(name="z")]},
+        {"a": np.arange(4, dtype=np.float32).reshape(4, 1)},  # shape
+        {"a": np.arange(4, dtype=np.float32).view(np.int32).reshape(2, 2)},  # dtype, same bytes
+        {"a": np.arange(1, 5, dtype=np.float32).reshape(2, 2)},  # bytes
+        {"a": np.ones((2, 2), np.float32), "b": np.arange(4, dtype=np.float32).reshape(2, 2)},
     ],
 )
 def test_anything_that_decides_the_answer_changes_the_key(change):
     assert key(**change) != key()
 
 
-def test_serving_parameters_and_input_order_do_not_change_the_key():
-    a, b = tensor("a"), tensor("b", data=np.ones((2, 2), np.float32))
-    base = key(tensors=[a, b])
-    assert key(tensors=[b, a]) == base
-    assert key(tensors=[a, b], parameters={"priority": 1, "timeout": 5, "cache": True}) == base
+def test_serving_parameters_do_not_change_the_key():
+    assert key(parameters={"priority": 1, "timeout": 5, "cache": True}) == key()
 
 
-def test_raw_and_typed_encodings_share_a_key():
-    data = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+def test_a_big_endian_or_strided_array_keys_as_its_little_endian_copy():
+    a = np.arange(4, dtype=np.float32).reshape(2, 2)
+    assert key(a=a.astype(">f4")) == key(a=a)
+    assert key(a=np.asfortranarray(a)) == key(a=a)
+
+
+def test_raw_and_typed_encodings_and_any_input_order_share_a_key():
+    """A request's key comes from what it asks, not from how it was sent."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2))
     raw = pb.ModelInferRequest(model_name="m")
-    raw.inputs.add(name="x", datatype="FP32", shape=[3, 4])
-    raw.raw_input_contents.append(data.tobytes())
+    for name, data in (("a", a), ("b", b)):
+        raw.inputs.add(name=name, datatype="FP32", shape=[3, 4])
+        raw.raw_input_contents.append(data.tobytes())
     typed = pb.ModelInferRequest(model_name="m")
-    typed.inputs.add(name="x", datatype="FP32", shape=[3, 4]).contents.CopyFrom(
-        encode_tensor_typed("FP32", data)
-    )
-    assert key(tensors=decode_inputs(raw)) == key(tensors=decode_inputs(typed))
-
-
-def test_bytes_and_scalar_tensors_have_keys():
-    words = np.array([b"a", b"bc"], dtype=object)
-    assert key(tensors=[tensor(datatype="BYTES", data=words)]) != key(
-        tensors=[tensor(datatype="BYTES", data=np.array([b"ab", b"c"], dtype=object))]
-    )
-    scalar = np.array(1.5, dtype=np.float32)
-    assert key(tensors=[tensor(data=scalar, shape=())]) == key(
-        tensors=[tensor(data=scalar, shape=())]
-    )
+    for name, data in (("b", b), ("a", a)):
+        typed.inputs.add(name=name, datatype="FP32", shape=[3, 4]).contents.CopyFrom(
+            encode_tensor_typed("FP32", data)
+        )
+    cache = ResponseCache(1 << 20)
+    keys = {
+        cache.key(DecodedRequest("m", decode_inputs(message)).prepare(CONFIG, 1))
+        for message in (raw, typed)
+    }
+    assert len(keys) == 1
 
 
 def _key_n(cache, n):
-    return cache.key("m", 1, [tensor(data=np.full((1,), n, np.float32))], [], {})
+    return cache.key(prepared(a=np.full((1, 1), n, np.float32), b=np.ones((1, 1), np.float32)))
 
 
 def test_lru_evicts_least_recently_used_first_under_a_byte_bound():
     cache = ResponseCache(3 * (100 + ENTRY_OVERHEAD_BYTES))
     keys = [_key_n(cache, i) for i in range(5)]
-    cache.put(keys[0], "m", b"a" * 100)
-    cache.put(keys[1], "m", b"b" * 100)
-    cache.put(keys[2], "m", b"c" * 100)
-    assert cache.get(keys[0]) == b"a" * 100  # refreshes 0: 1 is now the oldest
-    cache.put(keys[3], "m", b"d" * 100)
-    assert cache.get(keys[1]) is None
+    for i in range(3):
+        cache.put(keys[i], "m", outputs(100, i))
+    assert cache.get(keys[0]).arrays[0][0] == 0  # refreshes 0: 1 is now the oldest
+    cache.put(keys[3], "m", outputs(100, 3))
     assert [cache.get(k) is not None for k in keys[:4]] == [True, False, True, True]
     # A big entry pushes out as many as it needs, oldest first (2, then 0).
-    cache.put(keys[4], "m", b"e" * (100 + ENTRY_OVERHEAD_BYTES + 100))
+    cache.put(keys[4], "m", outputs(100 + ENTRY_OVERHEAD_BYTES + 100))
     assert cache.get(keys[2]) is None and cache.get(keys[0]) is None
     assert cache.get(keys[3]) is not None and cache.get(keys[4]) is not None
     assert cache.size_bytes <= cache.max_bytes
     assert cache.stats.total.evictions == 3 and cache.stats.total.entries == 2
 
 
+def test_stored_outputs_are_a_read_only_copy_of_the_batchs():
+    batch = np.arange(8, dtype=np.float32).reshape(4, 2)
+    cache = ResponseCache(1 << 20)
+    entry = cache.put(key(cache), "m", [batch[1:3]])
+    batch[:] = -1  # the batch's buffer is reused
+    assert entry.arrays[0].tolist() == [[2, 3], [4, 5]]
+    assert not entry.arrays[0].flags.writeable and entry.arrays[0].base is None
+
+
 def test_an_entry_larger_than_the_cache_is_not_stored():
     cache = ResponseCache(100)
-    cache.put(_key_n(cache, 0), "m", b"x" * 200)
+    kept = cache.put(_key_n(cache, 0), "m", outputs(200))
     assert len(cache) == 0 and cache.size_bytes == 0
+    assert kept.encodings is None and kept.arrays[0].nbytes == 200
 
 
 def test_a_forced_digest_collision_cannot_return_another_keys_value():
     cache = ResponseCache(1 << 20, digest=lambda parts: b"\0" * 32)
     first, second = _key_n(cache, 1), _key_n(cache, 2)
     assert first.digest == second.digest and first.check != second.check
-    cache.put(first, "m", b"first")
+    cache.put(first, "m", outputs(4, 1.0))
     assert cache.get(second) is None
-    assert cache.get(first) == b"first"
+    assert cache.get(first).arrays[0][0] == 1.0
 
 
-def test_an_alias_leads_only_to_its_own_models_version_and_entry():
+def test_encodings_are_kept_within_the_byte_bound_and_leave_with_their_entry():
+    size = 100 + ENTRY_OVERHEAD_BYTES
+    cache = ResponseCache(2 * size + 50)
+    first, second = _key_n(cache, 1), _key_n(cache, 2)
+    a = cache.put(first, "m", outputs(100))
+    b = cache.put(second, "m", outputs(100))
+    a.encodings.put("grpc", b"e" * 50)  # fits: first is now the most recent
+    assert a.encodings.get("grpc") == b"e" * 50 and cache.size_bytes == 2 * size + 50
+    a.encodings.put("grpc", b"f" * 50)  # one per transport: the first stays
+    assert a.encodings.get("grpc") == b"e" * 50
+    b.encodings.put("http", b"h" * 50)  # does not fit beside the rest: evicts first
+    assert cache.get(first) is None and b.encodings.get("http") == b"h" * 50
+    assert a.encodings.get("grpc") is None  # gone with its entry
+    a.encodings.put("grpc", b"late")  # a response the cache let go keeps nothing more
+    assert a.encodings.get("grpc") is None and cache.size_bytes == size + 50
+    b.encodings.put("grpc", b"x" * cache.max_bytes)  # cannot fit beside its own entry
+    assert b.encodings.get("grpc") is None and cache.get(second) is not None
+
+
+def test_an_alias_leads_only_to_its_own_transport_models_version_and_entry():
     cache = ResponseCache(1 << 20)
-    entry = key(cache)
-    cache.put(entry, "m", b"answer")
-    cache.add_alias(b"message as sent", entry, "m", 1, rows=1)
-    assert cache.lookup_alias(b"message as sent", "m", 1) == (b"answer", 1)
-    assert cache.lookup_alias(b"message as sent", "m", 2) is None  # another version
-    assert cache.lookup_alias(b"message as sent", "other", 1) is None
-    assert cache.lookup_alias(b"another message", "m", 1) is None
+    request = prepared()
+    entry = cache.key(request)
+    cache.put(entry, "m", outputs(4))
+    cache.add_alias("grpc", b"message as sent", entry, request)
+    found = cache.lookup_alias("grpc", b"message as sent", "m", 1)
+    assert found is not None and found[1].outputs == (0,) and found[1].rows == 2
+    assert cache.lookup_alias("http", b"message as sent", "m", 1) is None
+    assert cache.lookup_alias("grpc", b"message as sent", "m", 2) is None
+    assert cache.lookup_alias("grpc", b"message as sent", "other", 1) is None
+    assert cache.lookup_alias("grpc", b"another message", "m", 1) is None
     assert cache.stats.total.hits == 1
     # The entry leaves (evicted, or its model reloaded): its alias goes with it.
     cache.drop_model("m")
-    assert cache.lookup_alias(b"message as sent", "m", 1) is None
+    assert cache.lookup_alias("grpc", b"message as sent", "m", 1) is None
     assert len(cache._aliases) == 0
     # An alias is only made for an entry that is there.
-    cache.add_alias(b"message as sent", entry, "m", 1, rows=1)
+    cache.add_alias("grpc", b"message as sent", entry, request)
     assert len(cache._aliases) == 0
 
 
@@ -151,62 +191,72 @@ def test_a_fingerprint_collision_cannot_return_another_messages_value():
     two[FINGERPRINT_SAMPLE_BYTES + 7] = 1
     one, two = bytes(one), bytes(two)
     cache = ResponseCache(1 << 20)
-    entry = key(cache)
-    cache.put(entry, "m", b"answer")
-    cache.add_alias(one, entry, "m", 1, rows=1)
-    assert cache.lookup_alias(one, "m", 1) == (b"answer", 1)
-    assert cache.lookup_alias(two, "m", 1) is None
-    # The second message cannot take the fingerprint: its requests take the full path.
-    cache.add_alias(two, entry, "m", 1, rows=1)
-    assert cache.lookup_alias(two, "m", 1) is None
-    assert cache.lookup_alias(one, "m", 1) == (b"answer", 1)
+    request = prepared()
+    entry = cache.key(request)
+    cache.put(entry, "m", outputs(4))
+    cache.add_alias("grpc", one, entry, request)
+    assert cache.lookup_alias("grpc", one, "m", 1) is not None
+    assert cache.lookup_alias("grpc", two, "m", 1) is None
+    # The second message cannot take the sample: its requests take the full path.
+    cache.add_alias("grpc", two, entry, request)
+    assert cache.lookup_alias("grpc", two, "m", 1) is None
+    assert cache.lookup_alias("grpc", one, "m", 1) is not None
 
 
 def test_aliases_count_in_the_byte_bound_and_leave_with_their_entry():
-    entry_size = len(b"answer") + ENTRY_OVERHEAD_BYTES
+    entry_size = 4 + ENTRY_OVERHEAD_BYTES
     alias_size = 100 + ALIAS_OVERHEAD_BYTES
     cache = ResponseCache(2 * entry_size + alias_size)
     first, second = _key_n(cache, 1), _key_n(cache, 2)
-    cache.put(first, "m", b"answer")
-    cache.put(second, "m", b"answer")
-    cache.add_alias(b"a" * 100, first, "m", 1, rows=1)  # fits: first is now most recent
+    request = prepared()
+    cache.put(first, "m", outputs(4))
+    cache.put(second, "m", outputs(4))
+    cache.add_alias("grpc", b"a" * 100, first, request)  # fits: first is now most recent
     assert cache.size_bytes == 2 * entry_size + alias_size
     assert cache.stats.model("m").bytes == cache.size_bytes
     # An alias that does not fit beside the rest evicts the least recently used entry.
-    cache.add_alias(b"b" * 100, second, "m", 1, rows=1)
-    assert cache.get(first) is None and cache.lookup_alias(b"a" * 100, "m", 1) is None
-    assert cache.lookup_alias(b"b" * 100, "m", 1) == (b"answer", 1)
+    cache.add_alias("grpc", b"b" * 100, second, request)
+    assert cache.get(first) is None and cache.lookup_alias("grpc", b"a" * 100, "m", 1) is None
+    assert cache.lookup_alias("grpc", b"b" * 100, "m", 1) is not None
     # Replacing an entry takes its aliases along, and their bytes.
-    cache.put(second, "m", b"answer")
+    cache.put(second, "m", outputs(4))
     assert len(cache._aliases) == 0 and cache.size_bytes == entry_size
     # An alias that cannot fit beside its own entry is refused, evicting nothing.
-    cache.add_alias(b"c" * cache.max_bytes, second, "m", 1, rows=1)
+    cache.add_alias("grpc", b"c" * cache.max_bytes, second, request)
     assert len(cache._aliases) == 0 and cache.get(second) is not None
 
 
 def test_an_entry_takes_a_bounded_number_of_aliases():
     cache = ResponseCache(1 << 20)
-    entry = key(cache)
-    cache.put(entry, "m", b"answer")
+    request = prepared()
+    entry = cache.key(request)
+    cache.put(entry, "m", outputs(4))
     for n in range(MAX_ALIASES_PER_ENTRY + 1):
-        cache.add_alias(bytes([n]), entry, "m", 1, rows=1)
+        cache.add_alias("grpc", bytes([n]), entry, request)
     assert len(cache._aliases) == MAX_ALIASES_PER_ENTRY
 
 
 def test_drop_model_forgets_only_that_model():
     cache = ResponseCache(1 << 20)
-    a = cache.key("a", 1, [tensor()], [], {})
-    b = cache.key("b", 1, [tensor()], [], {})
-    cache.put(a, "a", b"1")
-    cache.put(b, "b", b"2")
+    a, b = key(cache, model="a"), key(cache, model="b")
+    cache.put(a, "a", outputs(4, 1.0))
+    cache.put(b, "b", outputs(4, 2.0))
     assert cache.drop_model("a") == 1
-    assert cache.get(a) is None and cache.get(b) == b"2"
+    assert cache.get(a) is None and cache.get(b).arrays[0][0] == 2.0
     assert cache.stats.model("a").entries == 0 and cache.stats.model("b").entries == 1
 
 
-def started(body: Callable[[], Awaitable[bytes]]) -> Callable[[], asyncio.Future[bytes]]:
-    """A compute for get_or_compute: `body` started in a task (a future of its value)."""
+Outputs = list[np.ndarray]
+
+
+def started(body: Callable[[], Awaitable[Outputs]]) -> Callable[[], asyncio.Future[Outputs]]:
+    """A compute for get_or_compute: `body` started in a task (a future of its outputs)."""
     return lambda: asyncio.ensure_future(body())
+
+
+def value(result) -> tuple[float, str]:
+    cached, outcome = result
+    return float(cached.arrays[0][0]), outcome
 
 
 async def test_concurrent_misses_compute_once_and_survive_the_first_callers_cancel():
@@ -215,11 +265,11 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
     gate = asyncio.Event()
     calls = 0
 
-    async def compute() -> bytes:
+    async def compute() -> Outputs:
         nonlocal calls
         calls += 1
         await gate.wait()
-        return b"answer"
+        return outputs(4, 42.0)
 
     first = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
     await asyncio.sleep(0)
@@ -228,10 +278,11 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
     first.cancel()
     gate.set()
     results = await asyncio.gather(*others)
-    assert results == [(b"answer", "coalesced")] * 4
+    assert [value(r) for r in results] == [(42.0, "coalesced")] * 4
+    assert len({id(cached) for cached, _ in results}) == 1  # one entry, one set of encodings
     assert calls == 1
     assert first.cancelled()
-    assert await cache.get_or_compute(k, "m", started(compute)) == (b"answer", "hit")
+    assert value(await cache.get_or_compute(k, "m", started(compute))) == (42.0, "hit")
     s = cache.stats.total
     assert (s.misses, s.coalesced, s.hits) == (1, 4, 1)
 
@@ -241,9 +292,9 @@ async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_s
     k = _key_n(cache, 8)
     gate, running = asyncio.Event(), asyncio.Event()
     ended: list[str] = []
-    computations: list[asyncio.Future[bytes]] = []
+    computations: list[asyncio.Future[Outputs]] = []
 
-    async def body() -> bytes:
+    async def body() -> Outputs:
         running.set()
         try:
             await gate.wait()
@@ -251,9 +302,9 @@ async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_s
             ended.append("cancelled")
             raise
         ended.append("answered")
-        return b"answer"
+        return outputs(4, 1.0)
 
-    def compute() -> asyncio.Future[bytes]:
+    def compute() -> asyncio.Future[Outputs]:
         computations.append(asyncio.ensure_future(body()))
         return computations[-1]
 
@@ -268,9 +319,9 @@ async def test_a_computation_nobody_waits_for_is_cancelled_and_the_next_caller_s
     assert ended == ["cancelled"] and len(cache) == 0
     # A caller after that is not handed the cancelled computation: it starts its own.
     gate.set()
-    assert await cache.get_or_compute(k, "m", compute) == (b"answer", "miss")
+    assert value(await cache.get_or_compute(k, "m", compute)) == (1.0, "miss")
     assert len(computations) == 2 and ended == ["cancelled", "answered"]
-    assert cache.get(k) == b"answer"
+    assert cache.get(k) is not None
 
 
 async def test_a_failure_reaches_every_waiter_and_nothing_is_stored():
@@ -278,7 +329,7 @@ async def test_a_failure_reaches_every_waiter_and_nothing_is_stored():
     k = _key_n(cache, 3)
     gate = asyncio.Event()
 
-    async def compute() -> bytes:
+    async def compute() -> Outputs:
         await gate.wait()
         raise RuntimeError("model raised")
 
@@ -297,13 +348,14 @@ async def test_a_reload_during_a_computation_does_not_store_the_old_answer():
     k = _key_n(cache, 4)
     gate = asyncio.Event()
 
-    async def compute() -> bytes:
+    async def compute() -> Outputs:
         await gate.wait()
-        return b"old model's answer"
+        return outputs(4, 9.0)
 
     waiter = asyncio.create_task(cache.get_or_compute(k, "m", started(compute)))
     await asyncio.sleep(0)
     cache.drop_model("m")
     gate.set()
-    assert (await waiter)[0] == b"old model's answer"
+    cached, outcome = await waiter
+    assert cached.arrays[0][0] == 9.0 and cached.encodings is None
     assert cache.get(k) is None

@@ -17,11 +17,10 @@ import tritonclient.utils as tutils
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.codec import decode_tensor_raw, encode_tensor_raw
-from salvo.errors import (
+from salvo.domain.status import (
     DeadlineExceeded as ServerDeadlineExceeded,
 )
-from salvo.errors import (
+from salvo.domain.status import (
     InvalidRequest,
     ModelFailed,
     ModelNotFound,
@@ -29,6 +28,8 @@ from salvo.errors import (
     Overloaded,
     SalvoError,
 )
+from salvo.domain.tensors import decode_tensor_raw, encode_tensor_raw
+from salvo.frontends.grpc.status import grpc_status
 from salvo_client import channel, errors
 from salvo_client.channel import channel_setup, resolve_target, trace_metadata
 from salvo_client.commands import _parse_input
@@ -277,7 +278,7 @@ SERVER_ERRORS: list[SalvoError] = [
 
 @pytest.mark.parametrize("exc", SERVER_ERRORS, ids=lambda e: e.message[:40])
 def test_stream_errors_without_a_stated_status_are_classified_from_the_message(exc):
-    assert errors.stream_error_status(exc.message) is exc.code
+    assert errors.stream_error_status(exc.message) is grpc_status(exc)[0]
 
 
 def test_every_status_maps_to_its_exception():

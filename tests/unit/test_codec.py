@@ -14,16 +14,11 @@ from hypothesis import strategies as st
 from tritonclient.grpc import _utils as tutils
 from tritonclient.grpc import service_pb2 as triton_pb
 
-from salvo.codec import (
-    Tensor,
-    decode_inputs,
-    decode_tensor_raw,
-    encode_outputs,
-    encode_tensor_raw,
-    encode_tensor_typed,
-)
-from salvo.datatypes import DATATYPES
-from salvo.errors import InvalidRequest
+from salvo.domain.datatypes import DATATYPES
+from salvo.domain.status import InvalidRequest
+from salvo.domain.tensors import decode_tensor_raw, encode_tensor_raw
+from salvo.domain.types import Tensor
+from salvo.frontends.grpc.codec import decode_inputs, encode_outputs, encode_tensor_typed
 from salvo_client.proto import grpc_service_pb2 as pb
 
 ALL = sorted(DATATYPES)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from salvo.config import ConfigError, VersionPolicy, load_config, valid_model_name
+from salvo.domain.config import ConfigError, VersionPolicy, load_config, valid_model_name
 
 GOOD = """max_batch_size: 8
 inputs: [{name: x, datatype: FP32, dims: [4]}]

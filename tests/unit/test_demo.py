@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from salvo.config import ModelConfig, load_config
 from salvo.demo import DEMO_MODELS, build_demo_repo, describe
+from salvo.domain.config import ModelConfig, load_config
 
 # TorchScript is one of the formats Salvo serves; torch 2.13 warns on every jit.load.
 pytestmark = pytest.mark.filterwarnings(

@@ -7,8 +7,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from salvo.config import ConfigError, ModelConfig, OptimizationConfig, TensorConfig, load_config
-from salvo.scheduler import LOOP_MAX_NS, runs_on_loop
+from salvo.domain.config import (
+    ConfigError,
+    ModelConfig,
+    OptimizationConfig,
+    TensorConfig,
+    load_config,
+)
+from salvo.engine.execution import LOOP_MAX_NS, runs_on_loop
 
 CONFIG = ModelConfig(
     name="m",

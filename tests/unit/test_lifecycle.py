@@ -8,7 +8,7 @@ import asyncio
 import grpc
 import pytest
 
-from salvo.lifecycle import Gate
+from salvo.frontends.grpc.gate import Gate
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -32,7 +32,7 @@ def _handlers() -> dict[str, grpc.RpcMethodHandler]:
 class _Context:
     """Records an abort as grpc.aio's context would end the call."""
 
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str, trailing_metadata=()) -> None:
         self.aborted = (code, details)
         raise RuntimeError("aborted")
 

@@ -8,7 +8,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from prometheus_client import CollectorRegistry, generate_latest
 
-from salvo.meters import Meters
+from salvo.observability.meters import Meters
 
 SCOPE = InstrumentationScope("salvo", "test")
 

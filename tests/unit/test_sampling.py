@@ -11,7 +11,7 @@ import socket
 
 import pytest
 
-from salvo.telemetry import Telemetry
+from salvo.observability.telemetry import Telemetry
 
 METHOD = "inference.GRPCInferenceService/ModelInfer"
 SAMPLED_PARENT = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from salvo.servicer import _stream_response
+from salvo.frontends.grpc.wire import stream_response
 from salvo_client.proto import grpc_service_pb2 as pb
 
 
@@ -14,6 +14,6 @@ def test_wrapped_bytes_parse_as_the_message_protobuf_would_build(payload_bytes):
     if payload_bytes:
         response.raw_output_contents.append(b"\x01" * payload_bytes)
     serialized = response.SerializeToString()
-    wrapped = _stream_response(serialized)
+    wrapped = stream_response(serialized)
     assert wrapped == pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
     assert pb.ModelStreamInferResponse.FromString(wrapped).infer_response == response

@@ -1,6 +1,6 @@
 """The wire plan against the general path it stands in for.
 
-Whatever request the plan takes, it must give the InferRequest that decode_inputs and
+Whatever request the plan takes, it must give the Prepared request that decode_inputs and
 validate_request give; whatever it is asked to encode, the bytes that encode_outputs and
 SerializeToString give. Anything else it must decline (None), so that the general path
 answers, errors included.
@@ -15,11 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from salvo.codec import decode_inputs, decode_parameters, encode_outputs
-from salvo.config import ModelConfig
-from salvo.errors import InvalidRequest
-from salvo.validation import InferRequest, validate_request
-from salvo.wire import WirePlan
+from salvo.domain.config import ModelConfig
+from salvo.domain.status import InvalidRequest
+from salvo.domain.types import Prepared
+from salvo.domain.validation import validate_request
+from salvo.frontends.grpc.codec import decode_inputs, decode_parameters, encode_outputs
+from salvo.frontends.grpc.wire import WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
 
 BATCHED = ModelConfig(
@@ -44,8 +45,8 @@ UNBATCHED = ModelConfig(
 DTYPES = {"FP32": np.float32, "INT64": np.int64, "UINT8": np.uint8}
 
 
-def general(config: ModelConfig, request: pb.ModelInferRequest) -> InferRequest:
-    """What the servicer's general path makes of `request`."""
+def general(config: ModelConfig, request: pb.ModelInferRequest) -> Prepared:
+    """What the general path (`codec.decode_inputs`, `validate_request`) makes of `request`."""
     parameters = decode_parameters(request)
     return validate_request(
         config,
@@ -69,7 +70,7 @@ def common_request(config: ModelConfig, rows: int, request_id: str = "") -> pb.M
     return request
 
 
-def assert_same(fast: InferRequest, slow: InferRequest) -> None:
+def assert_same(fast: Prepared, slow: Prepared) -> None:
     assert (fast.model, fast.version, fast.id, fast.outputs, fast.rows, fast.parameters) == (
         slow.model, slow.version, slow.id, slow.outputs, slow.rows, slow.parameters,
     )  # fmt: skip
@@ -82,7 +83,7 @@ def assert_same(fast: InferRequest, slow: InferRequest) -> None:
 @pytest.mark.parametrize(("config", "rows"), [(BATCHED, 1), (BATCHED, 8), (UNBATCHED, 1)])
 def test_the_common_request_decodes_as_the_general_path_decodes_it(config, rows) -> None:
     request = common_request(config, rows, request_id="r-1")
-    fast = WirePlan(config, 1).decode(request)
+    fast = WirePlan(config, 1).decode(request, decode_parameters(request))
     assert fast is not None
     assert_same(fast, general(config, request))
 
@@ -91,7 +92,7 @@ def test_requested_outputs_by_name_keep_the_order_asked() -> None:
     request = common_request(BATCHED, 2)
     request.outputs.add(name="z")
     request.outputs.add(name="x")
-    fast = WirePlan(BATCHED, 1).decode(request)
+    fast = WirePlan(BATCHED, 1).decode(request, decode_parameters(request))
     assert fast is not None and fast.outputs == (2, 0)
     assert_same(fast, general(BATCHED, request))
 
@@ -101,7 +102,7 @@ def test_perf_analyzers_request_takes_the_plan() -> None:
     request = common_request(BATCHED, 1, request_id="0")
     request.parameters["triton_enable_empty_final_response"].bool_param = True
     request.outputs.add(name="x")
-    fast = WirePlan(BATCHED, 1).decode(request)
+    fast = WirePlan(BATCHED, 1).decode(request, decode_parameters(request))
     assert fast is not None
     assert fast.parameters == {"triton_enable_empty_final_response": True}
     assert_same(fast, general(BATCHED, request))
@@ -179,7 +180,7 @@ def test_the_plan_takes_only_what_the_general_path_accepts_and_agrees_with_it(
     for mutation, value in mutations:
         if mutation != "none":
             _mutate(request, mutation, value)
-    fast = WirePlan(config, 1).decode(request)
+    fast = WirePlan(config, 1).decode(request, decode_parameters(request))
     try:
         slow = general(config, request)
     except InvalidRequest:
@@ -204,7 +205,7 @@ def test_a_model_the_plan_cannot_take_leaves_every_request_to_the_general_path()
         request = pb.ModelInferRequest(model_name="m")
         request.inputs.add(name=inputs[0]["name"], datatype=inputs[0]["datatype"], shape=[1, 2])
         request.raw_input_contents.append(b"\0\0\0\0\0\0\0\0")
-        assert WirePlan(config, 1).decode(request) is None
+        assert WirePlan(config, 1).decode(request, decode_parameters(request)) is None
 
 
 def serialized(config: ModelConfig, request_id: str, outputs, arrays) -> bytes:

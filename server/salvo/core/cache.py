@@ -1,29 +1,31 @@
-"""The response cache: one server-wide LRU, bounded in bytes, with in-flight coalescing.
+"""The response cache: one server-wide LRU of outputs, bounded in bytes, with in-flight
+coalescing.
 
-A key is a 256-bit SHA-256 digest over everything that decides a response: model name and
-version, each input (sorted by name) with its datatype, shape and canonical little-endian
-bytes, the requested outputs in order, and the request parameters that can change a result.
-Raw and typed encodings of one tensor decode to the same bytes, so they share a key.
+Keys and values are domain data, so requests over any transport share entries. A key is a
+256-bit SHA-256 digest over everything that decides a response: model name and version,
+each input in config order with its shape, dtype and canonical little-endian bytes, the
+requested outputs in order, and the request parameters that can change a result. Raw and
+typed encodings of one tensor decode to the same bytes, so they share a key. Each entry also
+keeps a CRC-32 of that material as a check, and a lookup whose check differs is a miss: a
+collision of the digest (forced in tests through the `digest` seam) returns another
+request's response only if the CRC collides too. SHA-256 because it is the fastest 256-bit
+cryptographic digest here (the CPU's SHA extensions): the hash is most of a large input's
+hit path.
 
-Each entry also keeps a CRC-32 of that material as a check, and a lookup whose check differs
-is a miss: a collision of the 256-bit digest (forced in tests through the `digest` seam)
-returns another request's response only if the CRC collides too. SHA-256 because it is the
-fastest 256-bit cryptographic digest here (the CPU's SHA extensions): twice BLAKE2b's speed
-on a 48 KiB `resnet` input, and the hash is most of a large input's hit path.
-
-Values are serialized ModelInferResponse messages without their `id`: a hit is answered by
-appending the caller's id to those bytes, with no tensor copied or re-encoded.
+An entry holds the outputs as arrays of its own (copied out of the batch, read-only) and
+`Encodings`: a front end may keep its encoding of the response there, without the request
+id, so that the next hit is answered by appending the caller's id to those bytes. What is
+kept counts in the byte bound.
 
 Aliases make a repeated request cheaper still. Once a request has been answered from the
-cache, its message as sent (serialized deterministically, without its `id`) is remembered
-as an alias of its entry; the next request with the same message is answered through the
-alias, before its inputs are decoded, validated or hashed again. An alias is found by a
-fingerprint of the message (the message itself when short; else its length and three 1 KiB
-samples) and then compared with the message in full, so it is exact without a digest: about
-3 us on a 48 KiB `resnet` message, against 39 us for SHA-256 and CRC-32. Two messages with
-one fingerprint cannot both have an alias (the second takes the full path, correctly). An
-alias belongs to its entry: its bytes count in the entry's size (so the byte bound covers
-them), and it goes when the entry is evicted, replaced or dropped with its model.
+cache, what the front end received (its `fingerprint`: for gRPC, the message serialized
+deterministically without its id) is remembered as an alias of the entry, per transport;
+the next request with the same fingerprint is answered through the alias, before its
+inputs are decoded, validated or hashed. An alias is found by a sample of the fingerprint
+(all of it when short; else its length and three 1 KiB samples) and then compared in full,
+so it is exact without a digest. Two fingerprints with one sample cannot both have an alias
+(the second takes the full path, correctly). An alias belongs to its entry: its bytes count
+in the entry's size, and it goes when the entry is evicted, replaced or dropped.
 """
 
 from __future__ import annotations
@@ -33,23 +35,31 @@ import functools
 import hashlib
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .codec import Tensor, encode_tensor_raw
+from salvo.domain.types import Encodings, Prepared
 
 # Parameters that say how to serve a request, never what its answer is.
 NON_SEMANTIC_PARAMETERS = frozenset({"priority", "timeout", "cache", "traceparent", "tracestate"})
 ENTRY_OVERHEAD_BYTES = 160
-"""Bytes charged per entry beyond its value: key, check, and the bookkeeping objects."""
+"""Bytes charged per entry beyond its outputs: key, check, and the bookkeeping objects."""
 ALIAS_OVERHEAD_BYTES = 160
-"""Bytes charged per alias beyond its message."""
+"""Bytes charged per alias beyond its fingerprint."""
 MAX_ALIASES_PER_ENTRY = 4
-"""Different messages (encodings, output lists) that may lead to one entry."""
+"""Different fingerprints (encodings, transports, output lists) that may lead to one entry."""
 FINGERPRINT_SAMPLE_BYTES = 1024
-"""A message longer than four of these is fingerprinted by three samples of this size."""
+"""A fingerprint longer than four of these is found by three samples of this size."""
+
+
+def cacheable(parameters: Mapping[str, object]) -> bool:
+    """False when the request asks to bypass the cache (`cache`: false or "bypass")."""
+    value = parameters.get("cache", True)
+    if isinstance(value, str):
+        return value.lower() not in ("false", "bypass", "off", "0", "no")
+    return bool(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,21 +70,30 @@ class CacheKey:
     check: bytes
 
 
-@dataclass(slots=True)
-class _Entry:
-    check: bytes
-    value: bytes
-    model: str
-    size: int
-    aliases: tuple[bytes, ...] = ()
+class Cached:
+    """A cached response: the outputs asked for, and what front ends keep of it."""
+
+    __slots__ = ("aliases", "arrays", "check", "encodings", "model", "size")
+
+    def __init__(self, arrays: tuple[np.ndarray, ...], encodings: Encodings | None) -> None:
+        self.arrays = arrays
+        self.encodings = encodings
+        """None where the response could not be kept (too large, or its model reloaded)."""
+        self.check = b""
+        self.model = ""
+        self.size = 0
+        self.aliases: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
-class _Alias:
-    message: bytes
+class Alias:
+    """What a fingerprint seen before leads to: its key, and what its request asked."""
+
+    fingerprint: bytes
     key: CacheKey
     model: str
     version: int
+    outputs: tuple[int, ...]
     rows: int
 
 
@@ -118,33 +137,46 @@ def _crc32(parts: Iterable[bytes | memoryview]) -> bytes:
     return crc.to_bytes(4, "little")
 
 
-def _fingerprint(message: bytes) -> bytes:
-    """What finds an alias: the message when short, else its length and three samples."""
-    size, sample = len(message), FINGERPRINT_SAMPLE_BYTES
+def _sample(fingerprint: bytes) -> bytes:
+    """What finds an alias: the fingerprint when short, else its length and three samples."""
+    size, sample = len(fingerprint), FINGERPRINT_SAMPLE_BYTES
     if size <= 4 * sample:
-        return message
+        return fingerprint
     middle = size // 2
     return b"".join(
         (
             size.to_bytes(8, "little"),
-            message[:sample],
-            message[middle : middle + sample],
-            message[-sample:],
+            fingerprint[:sample],
+            fingerprint[middle : middle + sample],
+            fingerprint[-sample:],
         )
     )
 
 
-def _canonical(tensor: Tensor) -> bytes | memoryview:
-    if tensor.datatype == "BYTES":
-        return encode_tensor_raw("BYTES", tensor.data)
-    data = tensor.data
-    if data.dtype.byteorder == ">" or not data.flags.c_contiguous:
-        data = np.ascontiguousarray(data, dtype=data.dtype.newbyteorder("<"))
-    return data.data.cast("B")
+def _canonical(array: np.ndarray) -> bytes | memoryview:
+    """`array`'s elements as little-endian bytes in row-major order."""
+    if array.dtype.kind == "O":  # BYTES: each element with its 4-byte length
+        return b"".join(len(x).to_bytes(4, "little") + bytes(x) for x in array.flat)
+    if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return array.data.cast("B")
+
+
+def _dtype_name(array: np.ndarray) -> str:
+    """`array`'s dtype as its little-endian name: byte order is how it is held, not what."""
+    dtype = array.dtype
+    return dtype.newbyteorder("<").str if dtype.byteorder == ">" else dtype.str
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A read-only copy of `array` (a view into its batch's outputs), for the cache to keep."""
+    copy = np.array(array, copy=True, order="C")
+    copy.flags.writeable = False
+    return copy
 
 
 class ResponseCache:
-    """A byte-bounded LRU of serialized responses, shared by every model that enables it."""
+    """A byte-bounded LRU of responses, shared by every model that enables it."""
 
     def __init__(
         self,
@@ -153,10 +185,10 @@ class ResponseCache:
     ) -> None:
         self.max_bytes = max_bytes
         self._digest = digest
-        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._entries: OrderedDict[bytes, Cached] = OrderedDict()
         self._inflight: dict[bytes, _Flight] = {}
         self._generation: dict[str, int] = {}
-        self._aliases: dict[bytes, _Alias] = {}
+        self._aliases: dict[tuple[str, bytes], Alias] = {}
         self.stats = CacheStats()
 
     def __len__(self) -> int:
@@ -164,25 +196,17 @@ class ResponseCache:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes held now, entry overhead included."""
+        """Bytes held now, overheads included."""
         return self.stats.total.bytes
 
-    def key(
-        self,
-        model: str,
-        version: int,
-        tensors: Sequence[Tensor],
-        outputs: Sequence[str],
-        parameters: dict[str, object],
-    ) -> CacheKey:
-        """The key of a request whose inputs decoded to `tensors`.
+    def key(self, request: Prepared) -> CacheKey:
+        """The key of a prepared request.
 
-        Everything but the tensors' bytes goes into one `repr` (unambiguous for the str,
-        int and tuple values in it), then each tensor's canonical bytes, each field with
-        its length in front, so that no two different requests give the same material.
+        Everything but the inputs' bytes goes into one `repr` (unambiguous for the str,
+        int and tuple values in it), then each input's canonical bytes, each part with its
+        length in front, so that no two different requests give the same material.
         """
-        if len(tensors) > 1:
-            tensors = sorted(tensors, key=lambda t: t.name)
+        parameters = request.parameters
         semantic = (
             sorted((k, repr(v)) for k, v in parameters.items() if k not in NON_SEMANTIC_PARAMETERS)
             if parameters
@@ -190,66 +214,99 @@ class ResponseCache:
         )
         head = repr(
             (
-                model,
-                version,
-                tuple((t.name, t.datatype, tuple(t.shape)) for t in tensors),
-                tuple(outputs),
+                request.model,
+                request.version,
+                tuple((_dtype_name(a), a.shape) for a in request.inputs),
+                request.outputs,
                 tuple(semantic),
             )
         ).encode()
         parts: list[bytes | memoryview] = [len(head).to_bytes(8, "little"), head]
-        for tensor in tensors:
-            data = _canonical(tensor)
+        for array in request.inputs:
+            data = _canonical(array)
             parts += (len(data).to_bytes(8, "little"), data)
         digest = (_sha256 if self._digest is None else self._digest)(parts)
         return CacheKey(digest, _crc32(parts))
 
-    def lookup_alias(self, message: bytes, model: str, version: int) -> tuple[bytes, int] | None:
-        """The cached value and batch rows for a message seen before, counted as a hit; None
-        when there is no alias for it, not counted."""
-        alias = self._aliases.get(_fingerprint(message))
-        if alias is None or alias.message != message:
-            return None
-        if alias.model != model or alias.version != version:
-            return None
-        value = self.lookup(alias.key, model)
-        return None if value is None else (value, alias.rows)
-
-    def add_alias(self, message: bytes, key: CacheKey, model: str, version: int, rows: int) -> None:
-        """Remember that `message` has the cache key `key`, if its entry is there and the
-        alias fits: its bytes are charged to the entry, evicting others as a put does."""
-        entry = self._entries.get(key.digest)
-        fingerprint = _fingerprint(message)
-        if entry is None or entry.check != key.check or fingerprint in self._aliases:
-            return
-        charge = len(message) + ALIAS_OVERHEAD_BYTES
-        if fingerprint is not message:
-            charge += len(fingerprint)
-        if len(entry.aliases) >= MAX_ALIASES_PER_ENTRY or entry.size + charge > self.max_bytes:
-            return
-        self._aliases[fingerprint] = _Alias(message, key, model, version, rows)
-        entry.aliases += (fingerprint,)
-        entry.size += charge
-        self._account(model, charge, 0)
-        self._entries.move_to_end(key.digest)
-        self._evict_to_fit()
-
-    def get(self, key: CacheKey) -> bytes | None:
-        """The cached value, refreshed as most recently used; None on a miss."""
+    def get(self, key: CacheKey) -> Cached | None:
+        """The cached response, refreshed as most recently used; None on a miss."""
         entry = self._entries.get(key.digest)
         if entry is None or entry.check != key.check:
             return None
         self._entries.move_to_end(key.digest)
-        return entry.value
+        return entry
 
-    def put(self, key: CacheKey, model: str, value: bytes) -> None:
-        """Store a complete, successful response; evict least recently used to fit."""
-        size = len(value) + ENTRY_OVERHEAD_BYTES
-        if size > self.max_bytes:
+    def lookup(self, key: CacheKey, model: str) -> Cached | None:
+        """`get`, counted as a hit; a miss is not counted (see get_or_compute).
+        Synchronous, so a hit is answered without a task or a coroutine."""
+        entry = self.get(key)
+        if entry is not None:
+            self.stats.total.hits += 1
+            self.stats.model(model).hits += 1
+        return entry
+
+    def lookup_alias(
+        self, transport: str, fingerprint: bytes, model: str, version: int
+    ) -> tuple[Cached, Alias] | None:
+        """The cached response for a fingerprint seen before, and its alias, counted as a
+        hit; None when there is no alias for it, not counted."""
+        alias = self._aliases.get((transport, _sample(fingerprint)))
+        if alias is None or alias.fingerprint != fingerprint:
+            return None
+        if alias.model != model or alias.version != version:
+            return None
+        entry = self.lookup(alias.key, model)
+        return None if entry is None else (entry, alias)
+
+    def add_alias(
+        self, transport: str, fingerprint: bytes, key: CacheKey, request: Prepared
+    ) -> None:
+        """Remember that `fingerprint` has the key `key`, if its entry is there and the
+        alias fits: its bytes are charged to the entry, evicting others as a put does."""
+        entry = self._entries.get(key.digest)
+        sample = _sample(fingerprint)
+        found = (transport, sample)
+        if entry is None or entry.check != key.check or found in self._aliases:
             return
+        charge = len(fingerprint) + ALIAS_OVERHEAD_BYTES
+        if sample is not fingerprint:
+            charge += len(sample)
+        if len(entry.aliases) >= MAX_ALIASES_PER_ENTRY or entry.size + charge > self.max_bytes:
+            return
+        self._aliases[found] = Alias(
+            fingerprint, key, request.model, request.version, request.outputs, request.rows
+        )
+        entry.aliases += (found,)
+        self._grow(key.digest, entry, charge)
+
+    def put(self, key: CacheKey, model: str, arrays: Sequence[np.ndarray]) -> Cached:
+        """Store a complete, successful response (evicting the least recently used to fit)
+        and return it; one too large to store comes back without `encodings`."""
+        owned = tuple(_owned(a) for a in arrays)
+        size = sum(a.nbytes for a in owned) + ENTRY_OVERHEAD_BYTES
+        if size > self.max_bytes:
+            return Cached(owned, None)
         self._discard(key.digest)
-        self._entries[key.digest] = _Entry(key.check, value, model, size)
+        entry = Cached(owned, None)
+        entry.encodings = Encodings(functools.partial(self._charge, key.digest, entry))
+        entry.check, entry.model, entry.size = key.check, model, size
+        self._entries[key.digest] = entry
         self._account(model, size, 1)
+        self._evict_to_fit()
+        return entry
+
+    def _charge(self, digest: bytes, entry: Cached, size: int) -> bool:
+        """Charge `size` more bytes to `entry` (a front end's encoding), if it is still held
+        and fits; evicts others to make room."""
+        if self._entries.get(digest) is not entry or entry.size + size > self.max_bytes:
+            return False
+        self._grow(digest, entry, size)
+        return True
+
+    def _grow(self, digest: bytes, entry: Cached, size: int) -> None:
+        entry.size += size
+        self._account(entry.model, size, 0)
+        self._entries.move_to_end(digest)
         self._evict_to_fit()
 
     def _evict_to_fit(self) -> None:
@@ -263,8 +320,10 @@ class ResponseCache:
         entry = self._entries.pop(digest, None)
         if entry is not None:
             self._account(entry.model, -entry.size, -1)
-            for fingerprint in entry.aliases:
-                del self._aliases[fingerprint]
+            for found in entry.aliases:
+                del self._aliases[found]
+            if entry.encodings is not None:
+                entry.encodings.detach()
 
     def _account(self, model: str, size: int, count: int) -> None:
         for counters in (self.stats.total, self.stats.model(model)):
@@ -294,32 +353,24 @@ class ResponseCache:
             self._discard(digest)
         return len(doomed)
 
-    def lookup(self, key: CacheKey, model: str) -> bytes | None:
-        """The cached value, counted as a hit; None on a miss (not counted: see get_or_compute).
-
-        Synchronous, so the hot path answers a hit without creating a task or a coroutine.
-        """
-        value = self.get(key)
-        if value is not None:
-            self.stats.total.hits += 1
-            self.stats.model(model).hits += 1
-        return value
-
     async def get_or_compute(
-        self, key: CacheKey, model: str, compute: Callable[[], asyncio.Future[bytes]]
-    ) -> tuple[bytes, str]:
-        """The value for `key` and how it was had: "hit", "coalesced" or "miss".
+        self,
+        key: CacheKey,
+        model: str,
+        compute: Callable[[], asyncio.Future[Sequence[np.ndarray]]],
+    ) -> tuple[Cached, str]:
+        """The response for `key` and how it was had: "hit", "coalesced" or "miss".
 
-        On a miss `compute` is called at once and returns a future of the value (the
+        On a miss `compute` is called at once and returns a future of the outputs (the
         request is queued by then, so it joins the batch now forming). Every caller for
         the key awaits that one future, each through a shield: a caller that cancels does
         not cancel it for the others, but when the last caller has gone the future is
         cancelled, and its producer drops the work (a request nobody waits for any more
         never runs). A failure reaches every waiter and nothing is stored.
         """
-        value = self.lookup(key, model)
-        if value is not None:
-            return value, "hit"
+        found = self.lookup(key, model)
+        if found is not None:
+            return found, "hit"
         counters = (self.stats.total, self.stats.model(model))
         flight = self._inflight.get(key.digest)
         if flight is not None:
@@ -332,13 +383,14 @@ class ResponseCache:
                 c.misses += 1
             flight = _Flight(compute())
             self._inflight[key.digest] = flight
-            # Registered before any caller's shield, so the value is stored before they wake.
+            # Registered before any caller's shield, so the response is stored (and
+            # `flight.cached` set) before they wake.
             flight.future.add_done_callback(
                 functools.partial(self._settle, key, model, self._generation.get(model, 0), flight)
             )
             outcome = "miss"
         try:
-            return await asyncio.shield(flight.future), outcome
+            await asyncio.shield(flight.future)
         except asyncio.CancelledError:
             flight.callers -= 1
             if flight.callers == 0:
@@ -346,16 +398,21 @@ class ResponseCache:
                 self._land(key, flight)
                 flight.future.cancel()
             raise
+        assert flight.cached is not None
+        return flight.cached, outcome
 
     def _settle(
         self, key: CacheKey, model: str, generation: int, flight: _Flight, future: asyncio.Future
     ) -> None:
-        """A computation ended: store a value (unless its model was reloaded meanwhile)."""
+        """A computation ended: store its outputs (unless its model was reloaded meanwhile)."""
         self._land(key, flight)
         if future.cancelled() or future.exception() is not None:
             return  # retrieved, so a failure nobody waits for any more is not logged
+        arrays = future.result()
         if self._generation.get(model, 0) == generation:
-            self.put(key, model, future.result())
+            flight.cached = self.put(key, model, arrays)
+        else:
+            flight.cached = Cached(tuple(arrays), None)
 
     def _land(self, key: CacheKey, flight: _Flight) -> None:
         """`flight` is no longer the one callers for `key` join (it may be gone already)."""
@@ -365,7 +422,9 @@ class ResponseCache:
 
 @dataclass(slots=True)
 class _Flight:
-    """A computation in progress for one key, and how many callers wait on it."""
+    """A computation in progress for one key, how many callers wait on it, and the
+    response once it has landed."""
 
-    future: asyncio.Future[bytes]
+    future: asyncio.Future[Sequence[np.ndarray]]
     callers: int = 1
+    cached: Cached | None = None

@@ -23,8 +23,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .datatypes import DATATYPES
-from .errors import ConfigError
+from salvo.domain.datatypes import DATATYPES
+from salvo.domain.status import ConfigError
 
 CONFIG_NAMES = ("config.yaml", "config.yml", "config.json")
 # Model names are single path segments: letters, digits, '_', '-', '.', never '.' or '..'.
@@ -84,11 +84,11 @@ class DynamicBatchingConfig(_Strict):
     rows keep arriving, until none has arrived for max_queue_delay_us, and at most 10
     times that; and each answered batch expects one row more until that row fails to
     come, so the count finds every caller. No effect with preferred_batch_sizes (those
-    batches never hold for returns). Measured in benchmarks/RESULTS.md ("Holding for
-    returns"): on `mlp` here it filled batches of 12 to 15 rows where `bounded` ran 2, for
-    0.98 to 1.09 times the throughput at 16 callers and 1.11 to 1.13 at 64, but 0.85 at 4;
-    and it added 0.6 to 1.2 ms to the median at 500 and 1,000 independent requests a
-    second. Hence not the default."""
+    batches never hold for returns). On `mlp` on 2 cores, `until_quiet` fills batches of
+    12 to 15 rows where `bounded` runs 2, for about 1.05 to 1.1 times the throughput at
+    16 and 64 callers but 0.86 at 4, and it adds 0.6 to 1.2 ms to the median for
+    independent requests at 500 and 1,000 a second (`make bench-hold`). Hence not the
+    default."""
 
 
 class ResponseCacheConfig(_Strict):
@@ -126,8 +126,8 @@ class OptimizationConfig(_Strict):
     """TorchScript models (`model.pt`): freeze the module and pass it through
     `torch.jit.optimize_for_inference` at load, so that weights become constants, batch
     norms fold into the convolutions before them and, on the CPU, convolution weights are
-    pre-packed for oneDNN. The demo `resnet` ran 1.2× as fast on this machine's CPU
-    (benchmarks/RESULTS.md, "Frozen TorchScript"). Answers may differ from the unfrozen
+    pre-packed for oneDNN: the demo `resnet` serves 1.2× as many requests a second on a
+    2-core CPU (`make bench-freeze`). Answers may differ from the unfrozen
     model's in the last bits. torch.export models (`model.pt2`) are refused: `compile` is
     theirs."""
     execution: Literal["auto", "thread", "loop"] = "auto"

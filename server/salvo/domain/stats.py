@@ -1,14 +1,31 @@
-"""Per model-version inference statistics, as Triton's ModelStatistics reports them.
+"""Per model-version inference statistics, with the semantics of Triton's ModelStatistics.
 
-Updated only from the event loop thread, so it needs no lock.
+Each field means what Triton's statistics extension says it means, so that tools written
+for Triton read Salvo alike (perf_analyzer finds the version it measures by the `queue`
+count that grew during its window):
+
+- `success` / `fail`: requests answered / failed, end to end in the server. Cache hits
+  are successes.
+- `queue`: time requests waited before their batch started. Cache hits count too, with
+  the time from arrival to the cache's answer; a request that joined one already in
+  flight for the same inputs (coalesced) waited for that one.
+- `compute_input` / `compute_infer` / `compute_output`: per request executed, each charged
+  its batch's time in that phase; cache hits are not counted.
+- `cache_hit`: hits (coalesced requests included) and the time to find the answer;
+  `cache_miss`: misses and the time to look up (the computation itself is not in it).
+- `inference_count`: rows executed by the model; `execution_count`: batches executed.
+  Neither counts cache hits.
+- `last_inference`: when the last request was answered, in ms since the epoch.
+- `batch_stats`: per batch size executed, the compute phases' counts and times.
+
+Updated only from the event loop's thread, so it needs no lock. The front ends turn it
+into their own formats (`salvo.frontends.grpc.codec.statistics`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-from salvo_client.proto import grpc_service_pb2 as pb
 
 
 @dataclass(slots=True)
@@ -21,10 +38,6 @@ class Duration:
     def add(self, ns: int, count: int = 1) -> None:
         self.count += count
         self.ns += ns
-
-    def fill(self, target: pb.StatisticDuration) -> None:
-        target.count = self.count
-        target.ns = self.ns
 
 
 @dataclass(slots=True)
@@ -56,9 +69,23 @@ class ModelStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
     def record_request(self, ok: bool, duration_ns: int) -> None:
-        """One request answered, end to end on the server."""
+        """One request answered (or failed), end to end in the server."""
         (self.success if ok else self.fail).add(duration_ns)
         self.last_inference_ms = int(time.time() * 1000)
+
+    def record_cache_hit(self, lookup_ns: int, waited_ns: int) -> None:
+        """A request answered by the cache: `lookup_ns` to find the answer, `waited_ns`
+        from its arrival until the answer was there (its queue time)."""
+        self.cache_hit.add(lookup_ns)
+        self.queue.add(waited_ns)
+
+    def record_cache_miss(self, lookup_ns: int) -> None:
+        """A request the cache could not answer: it is computed (and queued) as usual."""
+        self.cache_miss.add(lookup_ns)
+
+    def record_queued(self, waited_ns: int) -> None:
+        """A request's batch started after it waited `waited_ns` in the queue."""
+        self.queue.add(waited_ns)
 
     def record_batch(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
@@ -76,28 +103,3 @@ class ModelStats:
         stats.compute_input.add(input_ns)
         stats.compute_infer.add(infer_ns)
         stats.compute_output.add(output_ns)
-
-    def to_proto(self) -> pb.ModelStatistics:
-        out = pb.ModelStatistics(
-            name=self.name,
-            version=str(self.version),
-            last_inference=self.last_inference_ms,
-            inference_count=self.inference_count,
-            execution_count=self.execution_count,
-        )
-        s = out.inference_stats
-        self.success.fill(s.success)
-        self.fail.fill(s.fail)
-        self.queue.fill(s.queue)
-        self.compute_input.fill(s.compute_input)
-        self.compute_infer.fill(s.compute_infer)
-        self.compute_output.fill(s.compute_output)
-        self.cache_hit.fill(s.cache_hit)
-        self.cache_miss.fill(s.cache_miss)
-        for size in sorted(self.batches):
-            b = self.batches[size]
-            entry = out.batch_stats.add(batch_size=size)
-            b.compute_input.fill(entry.compute_input)
-            b.compute_infer.fill(entry.compute_infer)
-            b.compute_output.fill(entry.compute_output)
-        return out

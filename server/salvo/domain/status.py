@@ -1,19 +1,43 @@
-"""Salvo's error hierarchy and its one mapping to gRPC status codes.
+"""Salvo's one status vocabulary: what can go wrong with a request, whatever its transport.
 
-Every failure a client can see is one of these exceptions; the servicer turns it into a
-status with `status_for`. Messages are for the caller: they name the offending field and
-never carry a traceback.
+Every failure a caller can see is one of these exceptions. The core and the engine raise
+them and know nothing of gRPC or HTTP; each front end maps `Status` to its own codes in
+exactly one place (`salvo.frontends.grpc.status`, `salvo.frontends.http.status`).
+Messages are for the caller: they name the offending field and never carry a traceback.
 """
 
 from __future__ import annotations
 
-import grpc
+import enum
+
+
+class Status(enum.Enum):
+    """Why a request was not answered; named as gRPC names its codes."""
+
+    INVALID_ARGUMENT = "invalid argument"
+    """Malformed request: names, datatype, shape, byte size, encodings, batch size."""
+    NOT_FOUND = "not found"
+    """Unknown model or version."""
+    UNAVAILABLE = "unavailable"
+    """The model is loading, unloaded or failed to load, or the server is draining."""
+    RESOURCE_EXHAUSTED = "resource exhausted"
+    """Queue full, rate limited, out of device memory: retry after the push-back."""
+    DEADLINE_EXCEEDED = "deadline exceeded"
+    """The request's timeout or deadline passed before it could run."""
+    CANCELLED = "cancelled"
+    """The caller went away."""
+    UNAUTHENTICATED = "unauthenticated"
+    """No credentials, or unknown ones."""
+    PERMISSION_DENIED = "permission denied"
+    """Credentials without the right to this model or call."""
+    INTERNAL = "internal"
+    """The model raised, or Salvo has a bug: a clear message, never a traceback."""
 
 
 class SalvoError(Exception):
-    """Base of every error that reaches a client; `code` is its gRPC status."""
+    """Base of every error that reaches a caller; `status` says which kind."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    status: Status = Status.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -21,27 +45,22 @@ class SalvoError(Exception):
 
 
 class ModelNotFound(SalvoError):
-    """Unknown model or version."""
-
-    code = grpc.StatusCode.NOT_FOUND
+    status = Status.NOT_FOUND
 
 
 class ModelUnavailable(SalvoError):
-    """The model is loading, unloaded or failed to load, or the server is draining."""
-
-    code = grpc.StatusCode.UNAVAILABLE
+    status = Status.UNAVAILABLE
 
 
 class InvalidRequest(SalvoError):
-    """A malformed request: names, datatype, shape, byte size, encodings, batch size."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    status = Status.INVALID_ARGUMENT
 
 
 class Overloaded(SalvoError):
-    """Queue full or rate limited; `retry_after_ms` is the push-back sent to the client."""
+    """Queue full, rate limited or out of device memory; `retry_after_ms` is the push-back
+    the caller is told to wait before it tries again."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    status = Status.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, retry_after_ms: int = 100) -> None:
         super().__init__(message)
@@ -49,30 +68,35 @@ class Overloaded(SalvoError):
 
 
 class DeadlineExceeded(SalvoError):
-    """The request's timeout or gRPC deadline passed before it could run."""
-
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    status = Status.DEADLINE_EXCEEDED
 
 
 class Cancelled(SalvoError):
-    """The caller cancelled."""
+    status = Status.CANCELLED
 
-    code = grpc.StatusCode.CANCELLED
+
+class Unauthenticated(SalvoError):
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(SalvoError):
+    status = Status.PERMISSION_DENIED
 
 
 class ModelFailed(SalvoError):
     """The model raised or returned something unusable while running a batch."""
 
-    code = grpc.StatusCode.INTERNAL
+    status = Status.INTERNAL
 
 
 class ConfigError(Exception):
-    """A model configuration or model file that cannot be used; names the file and field."""
+    """A model configuration, model file or setting that cannot be used; names the file and
+    field. Never sent to a caller as such: a failed load reaches one as ModelUnavailable."""
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message a client gets for `exc`."""
+def describe(exc: BaseException) -> tuple[Status, str]:
+    """The status and message a caller gets for `exc`."""
     if isinstance(exc, SalvoError):
-        return exc.code, exc.message
-    # Anything unexpected is our bug: say so plainly, keep internals out of the message.
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        return exc.status, exc.message
+    # Anything unexpected is Salvo's bug: say so plainly, keep internals out of the message.
+    return Status.INTERNAL, f"internal error: {type(exc).__name__}"

@@ -38,11 +38,11 @@ Policy (Triton's vocabulary):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .errors import Overloaded
+from salvo.domain.status import Overloaded
 
 MAX_MISSES = 10
 """Timed-out holds in a row that count: after that, 1,023 batches skip expectations."""
@@ -320,3 +320,25 @@ def _trim(entries: list[Entry], target_rows: int) -> list[Entry]:
         kept.append(entry)
         rows += entry.request.rows
     return kept
+
+
+def request_deadline_ns(
+    parameters: Mapping[str, object],
+    now_ns: int,
+    deadline_ns: int | None,
+    default_timeout_ns: int,
+    allow_timeout_override: bool,
+) -> int | None:
+    """When a request arriving at `now_ns` must have started: its caller's deadline, or
+    sooner per its `timeout` parameter (µs) or the model's default timeout. A `timeout`
+    longer than the default counts only where the model allows overriding it."""
+    timeout_us = parameters.get("timeout")
+    timeout_ns = default_timeout_ns
+    if isinstance(timeout_us, int) and timeout_us > 0:
+        asked = timeout_us * 1000
+        if allow_timeout_override or not timeout_ns or asked < timeout_ns:
+            timeout_ns = asked
+    if timeout_ns:
+        mine = now_ns + timeout_ns
+        deadline_ns = mine if deadline_ns is None else min(deadline_ns, mine)
+    return deadline_ns

@@ -15,13 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backend import LoadedModel, inherit_torch_threads
-from .config import ModelConfig, load_config, valid_model_name
-from .errors import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
-from .scheduler import Scheduler
-from .stats import ModelStats
-from .telemetry import Telemetry
-from .wire import WirePlan
+from salvo.domain.config import ModelConfig, load_config, valid_model_name
+from salvo.domain.stats import ModelStats
+from salvo.domain.status import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
+from salvo.engine.backend import LoadedModel
+from salvo.engine.scheduler import Scheduler
+from salvo.engine.threads import inherit_torch_threads
+from salvo.observability.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,11 @@ class ModelVersion:
     model: LoadedModel
     scheduler: Scheduler
     stats: ModelStats
-    plan: WirePlan = field(init=False)
-    """Its common requests and responses in one step (salvo.wire)."""
 
-    def __post_init__(self) -> None:
-        self.plan = WirePlan(self.config, self.version)
+    @property
+    def device_type(self) -> str:
+        """Where it runs: "cpu" or "cuda" (which `device: auto` leaves open until load)."""
+        return self.model.device.type
 
 
 @dataclass(eq=False)
@@ -69,6 +69,18 @@ class ModelEntry:
 
     def latest(self) -> ModelVersion | None:
         return self.versions[max(self.versions)] if self.versions else None
+
+    def version(self, version: str) -> ModelVersion:
+        """The version a caller named (a decimal number). Raises NOT_FOUND."""
+        # ASCII only: str.isdigit() also takes "²", which int() refuses, and "١".
+        if not (version.isascii() and version.isdigit()):
+            raise ModelNotFound(f"model '{self.name}' has no version {version!r}")
+        mv = self.versions.get(int(version))
+        if mv is None:
+            raise ModelNotFound(
+                f"model '{self.name}' has no version {version} (serving {sorted(self.versions)})"
+            )
+        return mv
 
 
 def list_versions(model_dir: Path) -> list[int]:
@@ -114,7 +126,7 @@ class ModelManager:
         """True once every model in the repository loaded (Triton's strict readiness)."""
         return all(e.state is State.READY for e in self.models.values() if e.wanted)
 
-    def _check_name(self, name: str) -> None:
+    def check_name(self, name: str) -> None:
         if not valid_model_name(name):
             raise InvalidRequest(
                 f"invalid model name {name!r}: a model name is one path segment of letters, "
@@ -123,7 +135,7 @@ class ModelManager:
 
     async def load(self, name: str, quiet: bool = False) -> None:
         """Load or reload `name`. Raises ModelNotFound or ModelUnavailable (unless quiet)."""
-        self._check_name(name)
+        self.check_name(name)
         model_dir = self.root / name
         if not model_dir.is_dir():
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -197,7 +209,7 @@ class ModelManager:
 
     async def unload(self, name: str) -> None:
         """Unload `name`: new requests get UNAVAILABLE, queued ones finish first."""
-        self._check_name(name)
+        self.check_name(name)
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model '{name}' is not in the repository")
@@ -213,28 +225,16 @@ class ModelManager:
             entry.reason = "unloaded"
             log.info("unloaded model '%s'", name)
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version a request names ("" for the latest). Raises NOT_FOUND or UNAVAILABLE."""
+    def entry(self, name: str) -> ModelEntry:
+        """The model called `name`, if it serves. Raises NOT_FOUND or UNAVAILABLE."""
         entry = self.models.get(name)
         if entry is None:
-            self._check_name(name)
+            self.check_name(name)
             raise ModelNotFound(f"unknown model '{name}'")
         if entry.state is not State.READY:
             why = f": {entry.reason}" if entry.reason else ""
             raise ModelUnavailable(f"model '{name}' is {entry.state.value.lower()}{why}")
-        if not version:
-            latest = entry.latest()
-            assert latest is not None
-            return latest
-        # ASCII only: str.isdigit() also takes "²", which int() refuses, and "١".
-        if not (version.isascii() and version.isdigit()):
-            raise ModelNotFound(f"model '{name}' has no version {version!r}")
-        mv = entry.versions.get(int(version))
-        if mv is None:
-            raise ModelNotFound(
-                f"model '{name}' has no version {version} (serving {sorted(entry.versions)})"
-            )
-        return mv
+        return entry
 
     def observe(self) -> list[tuple[str, float, dict[str, str]]]:
         """Queue depth, in-flight, readiness and load time per model, for the metrics layer."""
@@ -254,7 +254,7 @@ class ModelManager:
         """The config of a model, loaded or not; NOT_FOUND if unknown."""
         entry = self.models.get(name)
         if entry is None or entry.config is None:
-            self._check_name(name)
+            self.check_name(name)
             raise ModelNotFound(f"unknown model '{name}'")
         return entry.config
 

@@ -16,67 +16,27 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import cast
 
 import numpy as np
 
-from .backend import (
-    LoadedModel,
-    Timings,
+from salvo.domain.stats import ModelStats
+from salvo.domain.status import DeadlineExceeded, ModelFailed, ModelUnavailable, SalvoError
+from salvo.domain.types import Prepared
+from salvo.engine.backend import LoadedModel
+from salvo.engine.batch_queue import BatchQueue, Entry, request_deadline_ns
+from salvo.engine.batches import Ran, run_batch, split_outputs
+from salvo.engine.execution import LOOP_GUARD_NS, LoopGuard, runs_on_loop
+from salvo.engine.threads import (
     inherit_torch_threads,
     one_torch_thread,
     torch_threads,
-    use_torch_threads,
 )
-from .batch_queue import BatchQueue, Entry
-from .errors import (
-    DeadlineExceeded,
-    ModelFailed,
-    ModelUnavailable,
-    SalvoError,
-)
-from .stats import ModelStats
-from .telemetry import Probe, Telemetry
-from .validation import InferRequest
+from salvo.engine.timings import Timings
+from salvo.observability.telemetry import Probe, Telemetry
 
 log = logging.getLogger(__name__)
 
 _Outputs = list[np.ndarray]
-_Ran = tuple[list[Entry], _Outputs, Timings]
-"""What a batch that ran gives: the entries that ran, their outputs, the timings."""
-
-LOOP_MAX_NS = 2_000_000
-"""`execution: auto` runs a model on the event loop when its largest batch took less."""
-LOOP_GUARD_NS = 2 * LOOP_MAX_NS
-LOOP_GUARD_BATCHES = 3
-LOOP_GUARD_SPAN_NS = 250_000_000
-"""An `auto` model whose batches take longer than LOOP_GUARD_NS on the loop, this many
-times in a row and for this long, moves to its thread for good. A short run of slow
-batches is the machine's hiccup, not the model's: on a 2-core VM under streaming load,
-`mlp`'s 16-row batches (about 0.2 ms) took 4 to 7 ms three in a row in 4 of 14 runs,
-every phase (assembly, forward pass, outputs) 10 to 40 times slower in the loop thread's
-own CPU time, the runs of slow batches lasting about 15 ms. Three in a row alone moved
-`mlp` off the loop for good in those runs (benchmarks/RESULTS.md, "The loop guard and
-the machine's hiccups")."""
-
-
-def runs_on_loop(model: LoadedModel) -> bool:
-    """Whether `model`'s batches run on the event loop (see OptimizationConfig.execution).
-
-    On a CPU a fast model's forward pass costs less than the two hand-overs of the GIL and
-    the wake-ups that running it on a thread takes (measured: benchmarks/RESULTS.md). A
-    model on CUDA waits for its device, and several instances run in parallel: threads.
-    """
-    config = model.config
-    execution = config.optimization.execution
-    if execution != "auto":
-        return execution == "loop"
-    return (
-        model.device.type == "cpu"
-        and config.instance_count == 1
-        and model.largest_batch_ns is not None
-        and model.largest_batch_ns < LOOP_MAX_NS
-    )
 
 
 def _set_result(future: asyncio.Future, value: object) -> None:
@@ -134,9 +94,7 @@ class Scheduler:
         self._accepting = False
         self.on_loop = runs_on_loop(model)
         """Batches run on the event loop rather than on an instance's thread."""
-        self._slow_on_loop = 0
-        self._slow_since_ns = 0
-        """When the batch that began the current run of slow batches started."""
+        self._guard = LoopGuard()
         timed = model.largest_batch_ns
         log.info(
             "model '%s' version %d: batches run on %s (execution: %s; largest batch %s)",
@@ -171,7 +129,7 @@ class Scheduler:
         self._task.add_done_callback(_log_crash)
 
     async def infer(
-        self, request: InferRequest, deadline_ns: int | None = None, probe: Probe | None = None
+        self, request: Prepared, deadline_ns: int | None = None, probe: Probe | None = None
     ) -> _Outputs:
         """Queue `request` and wait for its outputs (requested outputs only, in order asked).
 
@@ -182,7 +140,7 @@ class Scheduler:
         return await self.wait(self.submit(request, deadline_ns, probe))
 
     def submit(
-        self, request: InferRequest, deadline_ns: int | None = None, probe: Probe | None = None
+        self, request: Prepared, deadline_ns: int | None = None, probe: Probe | None = None
     ) -> Entry:
         """Queue `request` now, without waiting: the first half of `infer`, for a caller
         that must have the request queued before it yields (the cache's coalescing)."""
@@ -191,7 +149,13 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         now = time.monotonic_ns()
         call_deadline_ns = deadline_ns
-        deadline_ns = self._deadline(request, now, deadline_ns)
+        deadline_ns = request_deadline_ns(
+            request.parameters,
+            now,
+            deadline_ns,
+            self.default_timeout_ns,
+            self.allow_timeout_override,
+        )
         priority = request.parameters.get("priority", 0)
         entry = Entry(
             request,
@@ -274,18 +238,6 @@ class Scheduler:
             if not waiter.done() and predicate():
                 waiter.set_result(None)
 
-    def _deadline(self, request: InferRequest, now: int, deadline_ns: int | None) -> int | None:
-        timeout_us = request.parameters.get("timeout")
-        timeout_ns = self.default_timeout_ns
-        if isinstance(timeout_us, int) and timeout_us > 0:
-            asked = timeout_us * 1000
-            if self.allow_timeout_override or not timeout_ns or asked < timeout_ns:
-                timeout_ns = asked
-        if timeout_ns:
-            mine = now + timeout_ns
-            deadline_ns = mine if deadline_ns is None else min(deadline_ns, mine)
-        return deadline_ns
-
     def _after_change(self) -> None:
         if not self.queue and not self.in_flight:
             self._idle.set()
@@ -339,40 +291,26 @@ class Scheduler:
         (`one_torch_thread`). Nothing it raises leaves: the dispatcher that calls it must
         go on."""
         start = time.monotonic_ns()
-        outcome: _Ran | Exception
+        outcome: Ran | Exception
         try:
             with one_torch_thread():
-                outcome = self._run_batch(batch, instance)
+                outcome = run_batch(self.model, self._claim, batch, instance)
         except Exception as exc:
             outcome = exc
         self._settle(instance, batch, start, outcome)
         self._watch_loop(batch, start, time.monotonic_ns())
 
     def _watch_loop(self, batch: list[Entry], start: int, finished: int) -> None:
-        """The guard of `execution: auto`: a model whose batches hold the loop up for over
-        LOOP_GUARD_NS, failed or not, LOOP_GUARD_BATCHES times in a row and for at least
-        LOOP_GUARD_SPAN_NS from the first of them, moves to its thread."""
-        took_ns = finished - start
-        if took_ns <= LOOP_GUARD_NS:
-            self._slow_on_loop = 0
-            return
-        if self._slow_on_loop == 0:
-            self._slow_since_ns = start
-        self._slow_on_loop += 1
-        auto = self.model.config.optimization.execution == "auto"
-        if (
-            auto
-            and self._slow_on_loop >= LOOP_GUARD_BATCHES
-            and finished - self._slow_since_ns >= LOOP_GUARD_SPAN_NS
-        ):
+        """The guard of `execution: auto` (see `salvo.engine.execution`)."""
+        guard = self._guard
+        if guard.tripped(start, finished) and self.model.config.optimization.execution == "auto":
             self.on_loop = False
             log.warning(
                 "model '%s': %d batches in a row, over %.0f ms, held the event loop for over "
                 "%.0f ms each (the last: %d rows, %.1f ms); its batches run on its own thread "
                 "from now on",
-                self.model.config.name, self._slow_on_loop,
-                (finished - self._slow_since_ns) / 1e6, LOOP_GUARD_NS / 1e6,
-                sum(e.request.rows for e in batch), took_ns / 1e6,
+                self.model.config.name, guard.slow, (finished - guard.slow_since_ns) / 1e6,
+                LOOP_GUARD_NS / 1e6, sum(e.request.rows for e in batch), (finished - start) / 1e6,
             )  # fmt: skip
 
     def _threads_now(self) -> int | None:
@@ -386,11 +324,17 @@ class Scheduler:
         """Run `batch` on `instance`'s thread."""
         loop = asyncio.get_running_loop()
         start = time.monotonic_ns()
-        outcome: _Ran | Exception | None = None  # None: this task was cancelled
+        outcome: Ran | Exception | None = None  # None: this task was cancelled
         threads = self._threads_now()
         try:
             outcome = await loop.run_in_executor(
-                self._executors[instance], self._run_batch, batch, instance, threads
+                self._executors[instance],
+                run_batch,
+                self.model,
+                self._claim,
+                batch,
+                instance,
+                threads,
             )
         except Exception as exc:
             outcome = exc
@@ -398,7 +342,7 @@ class Scheduler:
             self._settle(instance, batch, start, outcome)
 
     def _settle(
-        self, instance: int, batch: list[Entry], start: int, outcome: _Ran | Exception | None
+        self, instance: int, batch: list[Entry], start: int, outcome: Ran | Exception | None
     ) -> None:
         """After a batch ran (or raised): statistics, answers, and `instance` free again,
         whatever goes wrong on the way (our own bug fails what is still unanswered)."""
@@ -418,7 +362,7 @@ class Scheduler:
         telemetry = self.telemetry
         name = self.model.config.name
         for entry in batch:
-            self.stats.queue.add(start - entry.enqueued_ns)
+            self.stats.record_queued(start - entry.enqueued_ns)
             if telemetry is not None:
                 telemetry.record_queue(name, self.version, (start - entry.enqueued_ns) / 1e9)
 
@@ -451,7 +395,8 @@ class Scheduler:
             )
             if self.telemetry is not None:
                 self._observe(self.telemetry, ran, rows, start, timings)
-            self._answer(ran, outputs)
+            for entry, mine in zip(ran, split_outputs(ran, outputs, self.batching), strict=True):
+                _set_result(entry.waiter, mine)
 
     def _end(self, instance: int, batch: list[Entry]) -> None:
         finished = time.monotonic_ns()
@@ -478,39 +423,6 @@ class Scheduler:
         if any(p.span is not None for p in probes):
             telemetry.batch_span(self.model.config.name, self.version, probes, start, finished)
 
-    def _run_batch(self, batch: list[Entry], instance: int, threads: int | None = None) -> _Ran:
-        """On `instance`'s worker thread, or the loop: assemble, run (on `threads` intra-op
-        threads where given), return the outputs."""
-        if threads is not None:
-            use_torch_threads(threads)
-        with self._claim:
-            ran = [e for e in batch if not e.cancelled]
-            for entry in ran:
-                entry.started = True
-        if not ran:
-            return ran, [], Timings(0, 0, 0)
-        start = time.perf_counter_ns()
-        inputs = self.model.assemble([_request(e).inputs for e in ran], instance)
-        assembled = time.perf_counter_ns() - start
-        outputs, timings = self.model.run(inputs, instance)
-        return (
-            ran,
-            outputs,
-            Timings(timings.input_ns + assembled, timings.infer_ns, timings.output_ns),
-        )
-
-    def _answer(self, ran: list[Entry], outputs: _Outputs) -> None:
-        offset = 0
-        for entry in ran:
-            request = _request(entry)
-            if self.batching or len(ran) > 1:
-                stop = offset + request.rows
-                mine = [outputs[i][offset:stop] for i in request.outputs]
-                offset = stop
-            else:
-                mine = [outputs[i] for i in request.outputs]
-            _set_result(entry.waiter, mine)
-
     async def stop(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, let queued and running ones finish, then free the threads.
 
@@ -529,10 +441,6 @@ class Scheduler:
             self._timer.cancel()
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _request(entry: Entry) -> InferRequest:
-    return cast(InferRequest, entry.request)
 
 
 def _log_crash(task: asyncio.Task) -> None:

@@ -3,31 +3,28 @@
 Metrics come from one set of instruments read two ways: pulled by Prometheus from the HTTP
 port's /metrics, and pushed over OTLP when an endpoint is configured. Gauges and counters
 read at collection time are OpenTelemetry observable instruments; the ones recorded per
-request are salvo.meters points (an SDK record costs ~7 µs, these under 1 µs), which the
-same OpenTelemetry readers collect. Traces
-go over OTLP (gRPC, or HTTP/protobuf by OTEL_EXPORTER_OTLP_PROTOCOL) when an endpoint is
-configured; sampling follows OTEL_TRACES_SAMPLER. The standard OTEL_* variables configure
-both; OTEL_SDK_DISABLED=true turns traces and OTLP pushes off (/metrics stays).
+request are `salvo.observability.meters` points (an SDK record costs ~7 µs, these under
+1 µs), which the same OpenTelemetry readers collect. Traces go over OTLP (gRPC, or
+HTTP/protobuf by OTEL_EXPORTER_OTLP_PROTOCOL) when an endpoint is configured; sampling
+follows OTEL_TRACES_SAMPLER. The standard OTEL_* variables configure both;
+OTEL_SDK_DISABLED=true turns traces and OTLP pushes off (/metrics stays).
 
 Telemetry never costs serving: spans and metrics leave through bounded queues on the SDK's
-own threads; a collector that is down, slow or refusing costs dropped telemetry, counted in
-`salvo_telemetry_dropped_total` and logged at most once a minute, and shutdown flushes
-within a bound. Request spans are created in the servicer (the gRPC instrumentation
-package costs 19-28% of throughput here, see FACTS.md); queue and compute spans are
-written after the fact from the batcher's timestamps, so they cost nothing unless sampled.
+own threads (`export`), and shutdown flushes within a bound. A front end starts and ends
+each request's SERVER span itself, lean and sampled (OpenTelemetry's gRPC instrumentation
+costs a fifth to a quarter of the throughput); the data plane and the batcher fill in the
+request's `Probe`, and queue and compute spans are written after the fact from the
+batcher's timestamps, so they cost nothing unless sampled.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -35,19 +32,29 @@ from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.propagate import extract
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from . import __version__
-from .meters import CounterPoint, HistogramPoint, Meters
+from salvo import __version__
+from salvo.observability import export
+from salvo.observability.access_log import AccessLog
+from salvo.observability.export import (
+    CountingExporter,
+    CountingProcessor,
+    DropCounter,
+    env,
+    metric_push_reader,
+    root_ratio,
+    span_exporter,
+)
+from salvo.observability.meters import CounterPoint, HistogramPoint, Meters
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("salvo.access")
 
 SECONDS_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -79,143 +86,6 @@ class Probe:
     started_ns: int = 0
     finished_ns: int = 0
     batch_rows: int = 0
-
-
-@dataclass(slots=True)
-class DropCounter:
-    """Telemetry lost to a collector that is down, slow or refusing, or to full queues."""
-
-    spans: int = 0
-    _last_log: float = field(default=0.0)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, count: int, why: str) -> None:
-        with self._lock:
-            self.spans += count
-            now = time.monotonic()
-            if now - self._last_log < 60:
-                return
-            self._last_log = now
-        log.warning("telemetry dropped %d spans so far (%s)", self.spans, why)
-
-
-class _CountingExporter(SpanExporter):
-    """Counts the spans of exports that failed; never raises into the SDK."""
-
-    def __init__(self, inner: SpanExporter, drops: DropCounter) -> None:
-        self.inner = inner
-        self.drops = drops
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        try:
-            result = self.inner.export(spans)
-        except Exception as exc:  # an exporter bug must not kill the export thread
-            self.drops.add(len(spans), f"export raised {type(exc).__name__}")
-            return SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            self.drops.add(len(spans), "export failed")
-        return result
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-class _CountingProcessor(SpanProcessor):
-    """A BatchSpanProcessor that counts the spans its full queue turns away."""
-
-    def __init__(self, inner: BatchSpanProcessor, drops: DropCounter, max_queue: int) -> None:
-        self.inner = inner
-        self.drops = drops
-        self.max_queue = max_queue
-        batch = getattr(inner, "_batch_processor", None)
-        self._queue = getattr(batch, "_queue", None)
-
-    def on_start(self, span: Any, parent_context: Any = None) -> None:
-        self.inner.on_start(span, parent_context)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self._queue is not None and len(self._queue) >= self.max_queue:
-            self.drops.add(1, "span queue full")
-            return
-        self.inner.on_end(span)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-def _env(name: str, default: str = "") -> str:
-    return os.environ.get(name, default).strip()
-
-
-def _otlp_endpoint(signal: str) -> str:
-    return _env(f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT") or _env("OTEL_EXPORTER_OTLP_ENDPOINT")
-
-
-def _protocol(signal: str) -> str:
-    return (
-        _env(f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL") or _env("OTEL_EXPORTER_OTLP_PROTOCOL")
-    ) or "grpc"
-
-
-_random = random.random
-
-
-def _root_ratio() -> float | None:
-    """The ratio at which Salvo samples roots itself, for the parent-based ratio samplers.
-
-    With `OTEL_TRACES_SAMPLER` `parentbased_traceidratio` (or `parentbased_always_off`), a
-    request without a `traceparent` is sampled at the ratio by Salvo before any span exists,
-    so the ones dropped (99 in 100 at 1%) cost no span, trace id or attributes; the provider
-    then gets a parent-based sampler that keeps every root it is handed. A random draw at
-    the ratio keeps roots at the rate the trace-id ratio would. None leaves every decision
-    to the SDK's sampler from the environment.
-    """
-    name = _env("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
-    if name == "parentbased_always_off":
-        return 0.0
-    if name != "parentbased_traceidratio":
-        return None
-    try:
-        ratio = float(_env("OTEL_TRACES_SAMPLER_ARG", "1.0"))
-    except ValueError:
-        return None  # the SDK's sampler falls back and says why
-    return ratio if 0.0 <= ratio <= 1.0 else None
-
-
-def _span_exporter() -> SpanExporter | None:
-    if _env("OTEL_TRACES_EXPORTER", "otlp") == "none" or not _otlp_endpoint("TRACES"):
-        return None
-    if _protocol("TRACES") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-        OTLPSpanExporter as GrpcSpanExporter,
-    )
-
-    return GrpcSpanExporter()
-
-
-def _metric_push_reader() -> MetricReader | None:
-    if _env("OTEL_METRICS_EXPORTER", "otlp") == "none" or not _otlp_endpoint("METRICS"):
-        return None
-    if _protocol("METRICS") == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        exporter: Any = OTLPMetricExporter()
-    else:
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
-
-        exporter = GrpcMetricExporter()
-    return PeriodicExportingMetricReader(exporter)
 
 
 OUTCOMES = {
@@ -250,7 +120,8 @@ class _ModelPoints:
 
 
 class Telemetry:
-    """Every signal Salvo emits, behind a few cheap calls from the servicer and batcher."""
+    """Every signal Salvo emits, behind a few cheap calls from the front ends, the data
+    plane and the batcher."""
 
     def __init__(
         self,
@@ -263,24 +134,24 @@ class Telemetry:
         """Build from the OTEL_* environment; tests pass in-memory providers and readers."""
         self.drops = DropCounter()
         self._root_ratio: float | None = None
-        disabled = _env("OTEL_SDK_DISABLED").lower() == "true"
+        disabled = env("OTEL_SDK_DISABLED").lower() == "true"
         resource = Resource.create(
-            {"service.name": _env("OTEL_SERVICE_NAME", "salvo"), "service.version": __version__}
+            {"service.name": env("OTEL_SERVICE_NAME", "salvo"), "service.version": __version__}
         )
         if tracer_provider is None and not disabled:
-            exporter = _span_exporter()
+            exporter = span_exporter()
             if exporter is not None:
-                self._root_ratio = _root_ratio()
+                self._root_ratio = root_ratio()
                 tracer_provider = (
                     TracerProvider(resource=resource)
                     if self._root_ratio is None
                     else TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
                 )
-                max_queue = int(_env("OTEL_BSP_MAX_QUEUE_SIZE", "8192"))
+                max_queue = int(env("OTEL_BSP_MAX_QUEUE_SIZE", "8192"))
                 batch = BatchSpanProcessor(
-                    _CountingExporter(exporter, self.drops), max_queue_size=max_queue
+                    CountingExporter(exporter, self.drops), max_queue_size=max_queue
                 )
-                tracer_provider.add_span_processor(_CountingProcessor(batch, self.drops, max_queue))
+                tracer_provider.add_span_processor(CountingProcessor(batch, self.drops, max_queue))
         self.tracer_provider = tracer_provider
         self.tracer = tracer_provider.get_tracer("salvo", __version__) if tracer_provider else None
 
@@ -293,7 +164,7 @@ class Telemetry:
                     disable_target_info=True, scope_info_enabled=False, registry=registry
                 )
             )
-        push = None if disabled else _metric_push_reader()
+        push = None if disabled else metric_push_reader()
         if push is not None:
             readers.append(push)
         self.meter_provider = MeterProvider(metric_readers=readers, resource=resource)
@@ -368,9 +239,7 @@ class Telemetry:
             description="CUDA memory held by torch's caching allocator (tensors, cached "
             "blocks, CUDA graphs' pools), per device",
         )
-        self._log_tokens = access_logs_per_s
-        self._log_rate = access_logs_per_s
-        self._log_refill = time.monotonic()
+        self.access_log = AccessLog(access_logs_per_s)
 
     # -- observations --------------------------------------------------------------------
 
@@ -406,7 +275,7 @@ class Telemetry:
         carrier = {k: v for k, v in metadata() or () if isinstance(v, str)}
         if "traceparent" in carrier:
             parent = extract(carrier)
-        elif self._root_ratio is not None and _random() >= self._root_ratio:
+        elif self._root_ratio is not None and export.draw() >= self._root_ratio:
             return None  # a root Salvo's own draw dropped (see _root_ratio)
         else:
             parent = otel_context.Context()
@@ -440,9 +309,9 @@ class Telemetry:
             points.duration.record(duration_s)
         if probe.span is not None:
             self._finish_span(probe, code, message)
-        if probe.model and self._take_log_token():
+        if probe.model and self.access_log.take():
             who = peer() if callable(peer) else peer
-            self._access_log(method, probe, code, duration_s, who)
+            self.access_log.write(method, probe, code, duration_s, who)
 
     # Points are bound once per label set; label values come only from resolved models and
     # the fixed sets of methods and status codes, so their number stays small.
@@ -515,44 +384,6 @@ class Telemetry:
 
     def record_queue(self, model: str, version: int, seconds: float) -> None:
         self._model_points(model, str(version)).queue.record(seconds)
-
-    # -- access logs -----------------------------------------------------------------------
-
-    def _take_log_token(self) -> bool:
-        if self._log_rate <= 0:
-            return False
-        now = time.monotonic()
-        self._log_tokens = min(
-            self._log_rate, self._log_tokens + (now - self._log_refill) * self._log_rate
-        )
-        self._log_refill = now
-        if self._log_tokens < 1:
-            return False
-        self._log_tokens -= 1
-        return True
-
-    def _access_log(
-        self, method: str, probe: Probe, code: str, duration_s: float, peer: str
-    ) -> None:
-        entry: dict[str, Any] = {
-            "event": "access",
-            "method": method,
-            "model": probe.model,
-            "version": probe.version,
-            "status": code,
-            "duration_ms": round(duration_s * 1000, 3),
-            "peer": peer,
-        }
-        if probe.batch_rows:
-            entry["batch_size"] = probe.batch_rows
-        if probe.cache:
-            entry["cache"] = probe.cache
-        if probe.span is not None:
-            ctx = probe.span.get_span_context()
-            if ctx.is_valid:
-                entry["trace_id"] = format(ctx.trace_id, "032x")
-                entry["span_id"] = format(ctx.span_id, "016x")
-        access_log.info(json.dumps(entry))
 
     def shutdown(self, timeout_s: float = 2.0) -> None:
         """Flush and stop within about `timeout_s`, whatever the collector does."""

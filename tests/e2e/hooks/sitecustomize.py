@@ -18,10 +18,10 @@ import sys
 
 
 def _install(gate_path: str) -> None:
-    from salvo import backend
+    from salvo.engine import backend
 
     gate = os.open(gate_path, os.O_RDWR)  # read-write: opening never waits for a writer
-    load_torchscript = backend._load_torchscript
+    load_torchscript = backend.load_torchscript
 
     def gated(x):
         sys.stdout.write(f"gated forward rows={x.shape[0]}\n")
@@ -39,7 +39,7 @@ def _install(gate_path: str) -> None:
             return gated
         return load_torchscript(path, device)
 
-    backend._load_torchscript = load
+    backend.load_torchscript = load
 
 
 if os.environ.get("SALVO_TEST_GATE"):

@@ -5,8 +5,8 @@ turns whatever it raises into UNKNOWN ("Unexpected DecodeError"), logging a trac
 per request: a stranger sending garbage would flood the log and see a status that blames
 the server. So the deserializer never raises: a message that fails to parse becomes an
 `Undecodable`. A unary method's behaviour, wrapped here, aborts with INVALID_ARGUMENT
-before the servicer sees it; a stream's servicer stops reading at it and ends the stream
-so itself (the stream's requests before it are answered first).
+before the servicer sees it; a stream (`stream.serve_stream`) stops reading at it and ends
+so itself, once the stream's requests before it are answered.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def refuse_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     if handler.stream_stream is not None:
         # A stream's behaviour reads its own requests: it must stop at the first
         # `Undecodable`, answer what came before, then end the stream INVALID_ARGUMENT from
-        # its own task (InferenceServicer.ModelStreamInfer). No wrapper here: two more
+        # its own task (stream.serve_stream). No wrapper here: two more
         # async generators per message cost the stream about 3% of its event loop.
         return handler._replace(request_deserializer=deserializer)
     return handler

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import grpc
 
-from .errors import ConfigError
-from .settings import Settings
+from salvo.domain.status import ConfigError
+from salvo.ops.settings import Settings
 
 log = logging.getLogger(__name__)
 
