@@ -31,9 +31,11 @@ serve: $(MODEL_REPO)/.built
 protos: $(STAMP)
 	$(BIN)/python tools/gen_protos.py
 
+# ruff, and the import contracts of pyproject.toml (the layers of docs/architecture.md).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
