@@ -9,7 +9,7 @@ median. Both servers use this checkout's virtualenv; the other tree's `server/` 
 `client/` come first on PYTHONPATH.
 
     python benchmarks/ab.py --base REV [--model mlp] [--concurrency 16] [--streaming]
-                            [--hold-for-returns bounded|until_quiet]
+                            [--hold-for-returns bounded|until_quiet] [--cache]
                             [--driver perf_analyzer|h2load] [--request plain|perf_analyzer]
                             [--torch-threads 1] [--rounds 6] [--write]
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT,
     ServerProcess,
-    batch_counts,
+    answered_count,
     machine,
     perf_analyzer,
     set_hold_for_returns,
@@ -40,7 +40,7 @@ from common import (  # noqa: E402
 )
 from stress import cpu_s, infer_payload  # noqa: E402
 
-from salvo.config import load_config  # noqa: E402
+from salvo.domain.config import load_config  # noqa: E402
 from salvo_client.proto import grpc_service_pb2 as pb  # noqa: E402
 from tests import h2load  # noqa: E402
 
@@ -80,7 +80,8 @@ def measure_h2load(server: ServerProcess, repo: Path, args: argparse.Namespace) 
     """A closed loop of `args.concurrency` calls on one connection from h2load (a few µs of
     client CPU a call, where perf_analyzer's is 100 µs or more and shares the 2 cores):
     H2LOAD_CALLS calls after a warm-up, and the server's CPU per call. h2load cannot read
-    gRPC statuses, so Salvo's statistics must count every call as answered."""
+    gRPC statuses, so Salvo's statistics must count every call as a success. Every call
+    sends the same request: with `--cache`, all but the first are cache hits."""
     target, body = server.grpc_target, repo.parent / "h2load.body"
     config = load_config(repo / args.model)
     shape = (1, *config.inputs[0].dims)
@@ -95,12 +96,12 @@ def measure_h2load(server: ServerProcess, repo: Path, args: argparse.Namespace) 
     log = body.with_name("h2load.log")
     h2load.drive(target, body, 0, log, concurrency=args.concurrency, connections=1,
                  requests=H2LOAD_CALLS // 5)  # fmt: skip
-    answered_before = batch_counts(target, args.model)[0]
+    answered_before = answered_count(target, args.model)
     cpu_before, start = cpu_s(server.proc.pid), time.perf_counter()
     run = h2load.drive(target, body, 0, log, concurrency=args.concurrency, connections=1,
                        requests=H2LOAD_CALLS)  # fmt: skip
     elapsed, cpu = time.perf_counter() - start, cpu_s(server.proc.pid) - cpu_before
-    answered = batch_counts(target, args.model)[0] - answered_before
+    answered = answered_count(target, args.model) - answered_before
     if answered != H2LOAD_CALLS or len(run.latency_ns) != H2LOAD_CALLS:
         raise RuntimeError(f"{answered} answered, {len(run.latency_ns)} of {H2LOAD_CALLS} done")
     return {
@@ -141,6 +142,11 @@ def main() -> None:
         help="h2load's request: inputs only, or as perf_analyzer sends it (a parameter, "
         "triton_enable_empty_final_response, and every output named)",
     )
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="enable the model's response cache (with h2load's one request: every call a hit)",
+    )
     parser.add_argument("--write", action="store_true", help="add the result to RESULTS.md")
     args = parser.parse_args()
     if args.driver == "h2load" and args.streaming:
@@ -168,6 +174,9 @@ def main() -> None:
             config = repo / args.model / "config.yaml"
             if args.hold_for_returns and not set_hold_for_returns(config, args.hold_for_returns):
                 raise SystemExit(f"{args.model} does not batch: no hold_for_returns to set")
+            if args.cache:
+                with config.open("a") as f:
+                    f.write("response_cache: {enable: true}\n")
             for round_ in range(args.rounds):
                 order = ["base", "this"] if round_ % 2 == 0 else ["this", "base"]
                 for side in order:
@@ -190,8 +199,10 @@ def main() -> None:
         alone = " alone" if args.alone else ""
         hold = f", {args.hold_for_returns}" if args.hold_for_returns else ""
         driver = ", h2load" if args.driver == "h2load" else ""
+        cache = ", cache hits" if args.cache else ""
         write_section(
-            f"A/B: {head} against {base} ({args.model}{alone}, {mode}{hold}{driver})", text
+            f"A/B: {head} against {base} ({args.model}{alone}, {mode}{hold}{cache}{driver})",
+            text,
         )
 
 
@@ -203,6 +214,7 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
     flags += " --streaming" if args.streaming else ""
     flags += " --alone" if args.alone else ""
     flags += f" --hold-for-returns {args.hold_for_returns}" if args.hold_for_returns else ""
+    flags += " --cache" if args.cache else ""
     flags += " --driver h2load" if args.driver == "h2load" else ""
     flags += f" --request {args.request}" if args.request != "plain" else ""
     flags += f" --torch-threads {args.torch_threads}" if args.torch_threads != 1 else ""
@@ -220,6 +232,7 @@ def report(runs: dict, args: argparse.Namespace, base: str, head: str) -> str:
                 if args.hold_for_returns
                 else ""
             )
+            + (" with its response cache on" if args.cache else "")
             + ". Load: "
             + (
                 f"h2load, a closed loop of {args.concurrency} batch-1 calls to `{args.model}` "

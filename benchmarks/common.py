@@ -89,6 +89,15 @@ def batch_counts(target: str, model: str) -> tuple[int, int]:
     return s.inference_count, s.execution_count
 
 
+def answered_count(target: str, model: str) -> int:
+    """Requests a model answered with success (cache hits included), from ModelStatistics."""
+    import tritonclient.grpc as tc
+
+    with tc.InferenceServerClient(target) as client:
+        s = client.get_inference_statistics(model).model_stats[0]
+    return s.inference_stats.success.count
+
+
 # perf_analyzer's stability threshold (-s, percent), loosened on each retry: on a busy
 # machine three windows within 25% of each other may never come. A later flag overrides
 # an earlier one, so these extend perf_analyzer()'s defaults.
