@@ -9,6 +9,8 @@ unexpected error, and still answers a known request exactly as before. The full 
 
 from __future__ import annotations
 
+import shutil
+
 import grpc
 import numpy as np
 import pytest
@@ -27,6 +29,7 @@ from tests.fuzzing import (
     mutated_requests,
     send,
 )
+from tests.servers import InProcessServer
 
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 
@@ -133,4 +136,30 @@ def test_an_undecodable_stream_message_ends_the_stream_with_invalid_argument(dem
         with pytest.raises(grpc.RpcError) as info:
             next(answers)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "inference.ModelInferRequest" in info.value.details()
+
+
+def test_an_undecodable_stream_message_past_the_rate_limit_still_ends_the_stream(
+    demo_repo, tmp_path
+):
+    """The rate limit checks each request of a stream; a message that did not parse has no
+    model to check, and ends the stream INVALID_ARGUMENT naming the message, as it would
+    without the limit, once the answers before it are out."""
+    shutil.copytree(demo_repo / "mlp", tmp_path / "mlp")
+    with (
+        InProcessServer(tmp_path, rate_limit_per_s=0.01, rate_limit_burst=1) as server,
+        grpc.insecure_channel(server.grpc_target) as channel,
+    ):
+        stream = channel.stream_stream(
+            STREAM,
+            request_serializer=None,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        # The burst's one token goes to the first request; the second is past the limit.
+        answers = stream(iter([_mlp(), GARBAGE[0]]), timeout=30)
+        first = next(answers)  # answered before the stream ends
+        assert not first.error_message and len(first.infer_response.raw_output_contents) == 1
+        with pytest.raises(grpc.RpcError) as info:
+            next(answers)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     assert "inference.ModelInferRequest" in info.value.details()

@@ -128,9 +128,8 @@ def test_stored_outputs_are_a_read_only_copy_of_the_batchs():
 
 def test_an_entry_larger_than_the_cache_is_not_stored():
     cache = ResponseCache(100)
-    kept = cache.put(_key_n(cache, 0), "m", outputs(200))
+    assert cache.put(_key_n(cache, 0), "m", outputs(200)) is None
     assert len(cache) == 0 and cache.size_bytes == 0
-    assert kept.encodings is None and kept.arrays[0].nbytes == 200
 
 
 def test_a_forced_digest_collision_cannot_return_another_keys_value():
@@ -140,25 +139,6 @@ def test_a_forced_digest_collision_cannot_return_another_keys_value():
     cache.put(first, "m", outputs(4, 1.0))
     assert cache.get(second) is None
     assert cache.get(first).arrays[0][0] == 1.0
-
-
-def test_encodings_are_kept_within_the_byte_bound_and_leave_with_their_entry():
-    size = 100 + ENTRY_OVERHEAD_BYTES
-    cache = ResponseCache(2 * size + 50)
-    first, second = _key_n(cache, 1), _key_n(cache, 2)
-    a = cache.put(first, "m", outputs(100))
-    b = cache.put(second, "m", outputs(100))
-    a.encodings.put("grpc", b"e" * 50)  # fits: first is now the most recent
-    assert a.encodings.get("grpc") == b"e" * 50 and cache.size_bytes == 2 * size + 50
-    a.encodings.put("grpc", b"f" * 50)  # one per transport: the first stays
-    assert a.encodings.get("grpc") == b"e" * 50
-    b.encodings.put("http", b"h" * 50)  # does not fit beside the rest: evicts first
-    assert cache.get(first) is None and b.encodings.get("http") == b"h" * 50
-    assert a.encodings.get("grpc") is None  # gone with its entry
-    a.encodings.put("grpc", b"late")  # a response the cache let go keeps nothing more
-    assert a.encodings.get("grpc") is None and cache.size_bytes == size + 50
-    b.encodings.put("grpc", b"x" * cache.max_bytes)  # cannot fit beside its own entry
-    assert b.encodings.get("grpc") is None and cache.get(second) is not None
 
 
 def test_an_alias_leads_only_to_its_own_transport_models_version_and_entry():
@@ -279,7 +259,7 @@ async def test_concurrent_misses_compute_once_and_survive_the_first_callers_canc
     gate.set()
     results = await asyncio.gather(*others)
     assert [value(r) for r in results] == [(42.0, "coalesced")] * 4
-    assert len({id(cached) for cached, _ in results}) == 1  # one entry, one set of encodings
+    assert len({id(cached) for cached, _ in results}) == 1  # one entry, shared
     assert calls == 1
     assert first.cancelled()
     assert value(await cache.get_or_compute(k, "m", started(compute))) == (42.0, "hit")
@@ -357,5 +337,28 @@ async def test_a_reload_during_a_computation_does_not_store_the_old_answer():
     cache.drop_model("m")
     gate.set()
     cached, outcome = await waiter
-    assert cached.arrays[0][0] == 9.0 and cached.encodings is None
+    assert cached.arrays[0][0] == 9.0 and outcome == "miss"
     assert cache.get(k) is None
+
+
+async def test_a_caller_that_joins_as_the_computation_ends_gets_its_answer():
+    """The computation's future is done, but its done-callback (which stores the answer)
+    has not run yet: a caller in that same turn of the loop finds the flight, and a done
+    future, and must still get the answer, stored once."""
+    cache = ResponseCache(1 << 20)
+    k = _key_n(cache, 5)
+    loop = asyncio.get_running_loop()
+    computed: asyncio.Future[Outputs] = loop.create_future()
+    first = asyncio.create_task(cache.get_or_compute(k, "m", lambda: computed))
+    await asyncio.sleep(0)  # the first caller waits on the computation
+
+    def never() -> asyncio.Future[Outputs]:
+        raise AssertionError("a second computation")
+
+    # Queued in this order: the result, then the joining caller's first step, then (queued
+    # by set_result) the callback that stores the answer.
+    loop.call_soon(computed.set_result, outputs(4, 3.0))
+    joined = asyncio.create_task(cache.get_or_compute(k, "m", never))
+    assert value(await joined) == (3.0, "coalesced")
+    assert value(await first) == (3.0, "miss")
+    assert len(cache) == 1 and cache.get(k).arrays[0][0] == 3.0

@@ -12,10 +12,9 @@ request's response only if the CRC collides too. SHA-256 because it is the faste
 cryptographic digest here (the CPU's SHA extensions): the hash is most of a large input's
 hit path.
 
-An entry holds the outputs as arrays of its own (copied out of the batch, read-only) and
-`Encodings`: a front end may keep its encoding of the response there, without the request
-id, so that the next hit is answered by appending the caller's id to those bytes. What is
-kept counts in the byte bound.
+An entry holds the outputs as arrays of its own (copied out of the batch, read-only), as
+many bytes as the raw tensors: a hit is encoded again by its front end, which for a
+response of raw tensors is one copy of their bytes.
 
 Aliases make a repeated request cheaper still. Once a request has been answered from the
 cache, what the front end received (its `fingerprint`: for gRPC, the message serialized
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from salvo.domain.types import Encodings, Prepared
+from salvo.domain.types import Prepared
 
 # Parameters that say how to serve a request, never what its answer is.
 NON_SEMANTIC_PARAMETERS = frozenset({"priority", "timeout", "cache", "traceparent", "tracestate"})
@@ -71,14 +70,12 @@ class CacheKey:
 
 
 class Cached:
-    """A cached response: the outputs asked for, and what front ends keep of it."""
+    """A cached response: the outputs asked for."""
 
-    __slots__ = ("aliases", "arrays", "check", "encodings", "model", "size")
+    __slots__ = ("aliases", "arrays", "check", "model", "size")
 
-    def __init__(self, arrays: tuple[np.ndarray, ...], encodings: Encodings | None) -> None:
+    def __init__(self, arrays: tuple[np.ndarray, ...]) -> None:
         self.arrays = arrays
-        self.encodings = encodings
-        """None where the response could not be kept (too large, or its model reloaded)."""
         self.check = b""
         self.model = ""
         self.size = 0
@@ -279,29 +276,19 @@ class ResponseCache:
         entry.aliases += (found,)
         self._grow(key.digest, entry, charge)
 
-    def put(self, key: CacheKey, model: str, arrays: Sequence[np.ndarray]) -> Cached:
+    def put(self, key: CacheKey, model: str, arrays: Sequence[np.ndarray]) -> Cached | None:
         """Store a complete, successful response (evicting the least recently used to fit)
-        and return it; one too large to store comes back without `encodings`."""
-        owned = tuple(_owned(a) for a in arrays)
-        size = sum(a.nbytes for a in owned) + ENTRY_OVERHEAD_BYTES
+        and return it; None for one too large to store."""
+        size = sum(a.nbytes for a in arrays) + ENTRY_OVERHEAD_BYTES
         if size > self.max_bytes:
-            return Cached(owned, None)
+            return None
         self._discard(key.digest)
-        entry = Cached(owned, None)
-        entry.encodings = Encodings(functools.partial(self._charge, key.digest, entry))
+        entry = Cached(tuple(_owned(a) for a in arrays))
         entry.check, entry.model, entry.size = key.check, model, size
         self._entries[key.digest] = entry
         self._account(model, size, 1)
         self._evict_to_fit()
         return entry
-
-    def _charge(self, digest: bytes, entry: Cached, size: int) -> bool:
-        """Charge `size` more bytes to `entry` (a front end's encoding), if it is still held
-        and fits; evicts others to make room."""
-        if self._entries.get(digest) is not entry or entry.size + size > self.max_bytes:
-            return False
-        self._grow(digest, entry, size)
-        return True
 
     def _grow(self, digest: bytes, entry: Cached, size: int) -> None:
         entry.size += size
@@ -322,8 +309,6 @@ class ResponseCache:
             self._account(entry.model, -entry.size, -1)
             for found in entry.aliases:
                 del self._aliases[found]
-            if entry.encodings is not None:
-                entry.encodings.detach()
 
     def _account(self, model: str, size: int, count: int) -> None:
         for counters in (self.stats.total, self.stats.model(model)):
@@ -381,13 +366,11 @@ class ResponseCache:
         else:
             for c in counters:
                 c.misses += 1
-            flight = _Flight(compute())
+            flight = _Flight(compute(), model, self._generation.get(model, 0))
             self._inflight[key.digest] = flight
-            # Registered before any caller's shield, so the response is stored (and
-            # `flight.cached` set) before they wake.
-            flight.future.add_done_callback(
-                functools.partial(self._settle, key, model, self._generation.get(model, 0), flight)
-            )
+            # Registered before any caller's shield, so the response is stored before the
+            # callers wake.
+            flight.future.add_done_callback(functools.partial(self._settle, key, flight))
             outcome = "miss"
         try:
             await asyncio.shield(flight.future)
@@ -398,21 +381,24 @@ class ResponseCache:
                 self._land(key, flight)
                 flight.future.cancel()
             raise
+        if flight.cached is None:
+            # The computation ended in this very turn of the loop, before its callback
+            # ran: a caller that joined then finds it done without waiting.
+            self._settle(key, flight, flight.future)
         assert flight.cached is not None
         return flight.cached, outcome
 
-    def _settle(
-        self, key: CacheKey, model: str, generation: int, flight: _Flight, future: asyncio.Future
-    ) -> None:
-        """A computation ended: store its outputs (unless its model was reloaded meanwhile)."""
+    def _settle(self, key: CacheKey, flight: _Flight, future: asyncio.Future) -> None:
+        """A computation ended: store its outputs (unless its model was reloaded meanwhile).
+        Once per flight, whoever comes first: its done-callback or a caller."""
         self._land(key, flight)
-        if future.cancelled() or future.exception() is not None:
+        if flight.cached is not None or future.cancelled() or future.exception() is not None:
             return  # retrieved, so a failure nobody waits for any more is not logged
         arrays = future.result()
-        if self._generation.get(model, 0) == generation:
-            flight.cached = self.put(key, model, arrays)
-        else:
-            flight.cached = Cached(tuple(arrays), None)
+        stored = None
+        if self._generation.get(flight.model, 0) == flight.generation:
+            stored = self.put(key, flight.model, arrays)
+        flight.cached = stored if stored is not None else Cached(tuple(arrays))
 
     def _land(self, key: CacheKey, flight: _Flight) -> None:
         """`flight` is no longer the one callers for `key` join (it may be gone already)."""
@@ -422,9 +408,11 @@ class ResponseCache:
 
 @dataclass(slots=True)
 class _Flight:
-    """A computation in progress for one key, how many callers wait on it, and the
-    response once it has landed."""
+    """A computation in progress for one key (of `model` as it was at `generation`), how
+    many callers wait on it, and the response once it has landed."""
 
     future: asyncio.Future[Sequence[np.ndarray]]
+    model: str
+    generation: int
     callers: int = 1
     cached: Cached | None = None

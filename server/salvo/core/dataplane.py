@@ -82,7 +82,9 @@ class DataPlane:
         timeout…); a caller that is cancelled while its request is queued withdraws it."""
         start = time.monotonic_ns()
         mv = self.router.route(request.model, request.version)
-        probe = _probe(request, mv)
+        probe = request.probe
+        if probe is not None:
+            probe.model, probe.version = mv.name, str(mv.version)
         ok = False
         try:
             if self.cache is not None and mv.config.response_cache.enable:
@@ -169,9 +171,8 @@ class DataPlane:
                 if probe is not None:
                     probe.cache = "hit"
                 return InferResponse(
-                    mv.config, mv.version, request.id, alias.outputs, cached.arrays,
-                    cached.encodings,
-                )  # fmt: skip
+                    mv.config, mv.version, request.id, alias.outputs, cached.arrays
+                )
         prepared = request.prepare(mv.config, mv.version)
         if not cacheable(prepared.parameters):
             arrays = await mv.scheduler.infer(prepared, request.deadline_ns, probe)
@@ -198,9 +199,7 @@ class DataPlane:
                 stats.record_cache_hit(looked, time.monotonic_ns() - start)
         if probe is not None:
             probe.cache = outcome
-        return InferResponse(
-            mv.config, mv.version, request.id, prepared.outputs, cached.arrays, cached.encodings
-        )
+        return InferResponse(mv.config, mv.version, request.id, prepared.outputs, cached.arrays)
 
     @staticmethod
     def _computed(mv: ModelVersion, request: Prepared) -> asyncio.Future[Sequence[np.ndarray]]:

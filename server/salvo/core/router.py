@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from salvo.engine.repository import ModelEntry, ModelManager, ModelVersion
+from salvo.engine.repository import ModelEntry, ModelManager, ModelVersion, State
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class Router:
 
     def __init__(self, models: ModelManager) -> None:
         self._models = models
+        self._entries = models.models
         self._policies: dict[str, TrafficPolicy] = {}
 
     def policy(self, model: str) -> TrafficPolicy | None:
@@ -61,7 +62,13 @@ class Router:
     def route(self, model: str, version: str = "") -> ModelVersion:
         """The version that answers a request for `model` naming `version` ("" for none).
         Raises NOT_FOUND (unknown model or version) or UNAVAILABLE (not serving)."""
-        entry = self._models.entry(model)
+        entry = self._entries.get(model)
+        if entry is None or entry.state is not State.READY:
+            entry = self._models.entry(model)  # raises, saying why
         if version:
             return entry.version(version)
-        return choose(self._policies.get(model), entry)
+        if self._policies:
+            return choose(self._policies.get(model), entry)
+        latest = entry.latest()
+        assert latest is not None  # a model that serves has a version
+        return latest

@@ -108,14 +108,10 @@ class InferRequest:
 
 class InferResponse:
     """The outputs of one request: the arrays of the outputs it asked for, in the order
-    asked (`outputs` indexes `config.outputs`).
+    asked (`outputs` indexes `config.outputs`). Arrays from the response cache are shared
+    by every response it gives: read-only."""
 
-    `encodings` is set when the response is held by the response cache: a front end may
-    keep its own encoding of the response there (without the request id), so that the
-    next hit is answered without encoding the arrays again.
-    """
-
-    __slots__ = ("arrays", "config", "encodings", "id", "model", "outputs", "version")
+    __slots__ = ("arrays", "config", "id", "model", "outputs", "version")
 
     def __init__(
         self,
@@ -124,7 +120,6 @@ class InferResponse:
         id: str,
         outputs: tuple[int, ...],
         arrays: Sequence[np.ndarray],
-        encodings: Encodings | None = None,
     ) -> None:
         self.config = config
         self.model = config.name
@@ -132,7 +127,6 @@ class InferResponse:
         self.id = id
         self.outputs = outputs
         self.arrays = arrays
-        self.encodings = encodings
 
     def tensors(self) -> Iterator[tuple[str, str, np.ndarray]]:
         """Each output as (name, datatype, array), in the order asked."""
@@ -140,32 +134,3 @@ class InferResponse:
         for index, array in zip(self.outputs, self.arrays, strict=True):
             spec = specs[index]
             yield spec.name, spec.datatype, array
-
-
-class Encodings:
-    """A cached response's encodings, one per transport, without a request id. What is
-    kept counts towards the cache's byte bound (the owner's `charge`)."""
-
-    __slots__ = ("_by_transport", "_charge")
-
-    def __init__(self, charge: Any) -> None:
-        self._by_transport: dict[str, bytes] = {}
-        self._charge = charge
-
-    def get(self, transport: str) -> bytes | None:
-        return self._by_transport.get(transport)
-
-    def put(self, transport: str, data: bytes) -> None:
-        """Keep `data` as `transport`'s encoding, if the owner still holds the response and
-        it fits (the owner decides)."""
-        if transport not in self._by_transport and self._charge(len(data)):
-            self._by_transport[transport] = data
-
-    def detach(self) -> None:
-        """The owner let the response go: keep nothing more."""
-        self._by_transport.clear()
-        self._charge = _refuse
-
-
-def _refuse(size: int) -> bool:
-    return False

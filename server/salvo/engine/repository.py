@@ -105,6 +105,7 @@ class ModelManager:
         self.loader = loader
         """Turns a config and a version directory into a model (a seam for test models)."""
         self.models: dict[str, ModelEntry] = {}
+        """Every model known, by name (the one dict for the life of the manager)."""
         self._locks: dict[str, asyncio.Lock] = {}
 
     def discover(self) -> list[str]:

@@ -25,6 +25,7 @@ import grpc
 
 from salvo.core.admission import Admission, Principal
 from salvo.domain.status import SalvoError
+from salvo.frontends.grpc.parsing import Undecodable
 from salvo.frontends.grpc.status import abort
 from salvo.frontends.grpc.wire import stream_error
 from salvo_client.proto import grpc_service_pb2 as pb
@@ -109,6 +110,8 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
     async def _caller(self, context: grpc.aio.ServicerContext) -> tuple[Principal | None, str]:
         """The call's principal (aborting UNAUTHENTICATED without a valid token, where
         tokens are on) and its rate-limit identity."""
+        if self.admission.tokens is None:  # a rate limit alone: no metadata to read
+            return None, peer_host(context.peer())
         try:
             principal = self.admission.authenticate(_bearer(context.invocation_metadata()))
         except SalvoError as exc:
@@ -149,6 +152,9 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
 
             async def admitted() -> AsyncIterator[Any]:
                 async for request in requests:
+                    if isinstance(request, Undecodable):  # the stream ends on it, refused
+                        yield request
+                        continue
                     refusal = refusal_of(admission, principal, identity, rpc, request)
                     if refusal is None:
                         yield request
@@ -159,7 +165,7 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 # Refusals are queued while the servicer reads the requests, so all of them
                 # are in `answers` before its own answers end.
                 try:
-                    async for answer in behaviour(admitted(), context):
+                    async for answer in behaviour(admitted(), _Deferring(context)):
                         answers.put_nowait(answer)
                 finally:
                     answers.put_nowait(None)
@@ -168,11 +174,35 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             try:
                 while (answer := await answers.get()) is not None:
                     yield answer
-                await served  # raises what the servicer raised (an abort, say)
+                try:
+                    await served  # raises what the servicer raised
+                except _Abort as abort_:  # ended here, after every answer before it
+                    await context.abort(*abort_.args)
             finally:
                 served.cancel()
 
         return stream
+
+
+class _Abort(Exception):
+    """A servicer's abort, carried out of the task that runs it (its arguments)."""
+
+
+class _Deferring:
+    """The call's context for a streaming servicer run in a task of its own: its abort
+    raises `_Abort` there, and the call's own task ends the call once the answers written
+    before it have left. Aborting from the servicer's task while the call's task writes an
+    answer would make two concurrent operations on the call, which gRPC refuses
+    (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), losing the answer and hanging the stream."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata=()) -> None:
+        raise _Abort(code, details, trailing_metadata)
 
 
 def build_interceptors(admission: Admission | None) -> list[grpc.aio.ServerInterceptor]:

@@ -10,15 +10,17 @@ which also gives the errors. A response is encoded through the same plan.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from salvo.domain.config import ModelConfig
 from salvo.domain.types import InferRequest, InferResponse, Prepared
 from salvo.domain.validation import validate_request
 from salvo.frontends.grpc.codec import decode_inputs, decode_parameters, encode_outputs
-from salvo.frontends.grpc.wire import WirePlan, id_field
+from salvo.frontends.grpc.wire import WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
 
+_NO_PARAMETERS: Mapping[str, object] = MappingProxyType({})
 _MAX_PLANS = 256
 """Plans kept at most (one per loaded model version); all start again past it."""
 
@@ -45,7 +47,7 @@ class WirePlans:
 class MessageRequest(InferRequest):
     """One ModelInferRequest message, for the data plane."""
 
-    __slots__ = ("_message", "_parameters", "_plans")
+    __slots__ = ("_message", "_parameters", "_plans", "plan")
 
     transport: ClassVar[str] = "grpc"
 
@@ -59,7 +61,9 @@ class MessageRequest(InferRequest):
         super().__init__(message.model_name, message.model_version, message.id, deadline_ns, probe)
         self._message = message
         self._plans = plans
-        self._parameters: dict[str, object] | None = None
+        self._parameters: Mapping[str, object] | None = None
+        self.plan: WirePlan | None = None
+        """The plan the request was prepared with, which encodes its response."""
 
     @property
     def message(self) -> pb.ModelInferRequest:
@@ -67,15 +71,15 @@ class MessageRequest(InferRequest):
 
     def parameters(self) -> Mapping[str, object]:
         if self._parameters is None:
-            self._parameters = decode_parameters(self._message)
+            message = self._message
+            self._parameters = decode_parameters(message) if message.parameters else _NO_PARAMETERS
         return self._parameters
 
     def prepare(self, config: ModelConfig, version: int) -> Prepared:
         message = self._message
-        parameters = self._parameters
-        if parameters is None:
-            parameters = self._parameters = decode_parameters(message)
-        prepared = self._plans.get(config, version).decode(message, parameters)
+        parameters = self.parameters()
+        plan = self.plan = self._plans.get(config, version)
+        prepared = plan.decode(message, parameters)
         if prepared is not None:
             return prepared
         return validate_request(
@@ -84,7 +88,7 @@ class MessageRequest(InferRequest):
             message.id,
             decode_inputs(message),
             [o.name for o in message.outputs],
-            parameters,
+            dict(parameters),
         )
 
     def fingerprint(self) -> bytes | None:
@@ -103,31 +107,19 @@ class MessageRequest(InferRequest):
             message.id = request_id
 
 
-def encode_response(response: InferResponse, plans: WirePlans) -> bytes:
-    """The serialized ModelInferResponse: through the version's wire plan, or built as a
-    message where the plan does not take the outputs (`encode_outputs` says what is wrong).
-
-    A response the cache holds is encoded once without the caller's id and kept there;
-    each caller's id is appended to those bytes.
-    """
-    encodings = response.encodings
-    if encodings is None:
-        return _encoded(response, plans, response.id)
-    kept = encodings.get(MessageRequest.transport)
-    if kept is None:
-        kept = _encoded(response, plans, "")
-        encodings.put(MessageRequest.transport, kept)
-    return kept + id_field(response.id)
-
-
-def _encoded(response: InferResponse, plans: WirePlans, request_id: str) -> bytes:
-    encoded = plans.get(response.config, response.version).encode(
-        request_id, response.outputs, response.arrays
-    )
+def encode_response(
+    response: InferResponse, plans: WirePlans, plan: WirePlan | None = None
+) -> bytes:
+    """The serialized ModelInferResponse: through the version's wire plan (`plan`, the one
+    the request was prepared with, where it was), or built as a message where the plan
+    does not take the outputs (`encode_outputs` says what is wrong)."""
+    if plan is None or plan.config is not response.config or plan.version != response.version:
+        plan = plans.get(response.config, response.version)
+    encoded = plan.encode(response.id, response.outputs, response.arrays)
     if encoded is not None:
         return encoded
     message = pb.ModelInferResponse(
-        model_name=response.model, model_version=str(response.version), id=request_id
+        model_name=response.model, model_version=str(response.version), id=response.id
     )
     encode_outputs(message, response.tensors())
     return message.SerializeToString()

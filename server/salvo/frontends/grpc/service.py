@@ -140,7 +140,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if telemetry is None:
             try:
                 message = MessageRequest(request, self.plans, deadline_ns)
-                return encode_response(await self.dataplane.infer(message), self.plans)
+                response = await self.dataplane.infer(message)
+                return encode_response(response, self.plans, message.plan)
             except Exception as exc:
                 await abort(context, exc)
         start = time.perf_counter()
@@ -148,7 +149,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code, text = "OK", ""
         try:
             message = MessageRequest(request, self.plans, deadline_ns, probe)
-            return encode_response(await self.dataplane.infer(message), self.plans)
+            response = await self.dataplane.infer(message)
+            return encode_response(response, self.plans, message.plan)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise

@@ -61,7 +61,8 @@ async def serve_stream(
             code, text = "OK", ""
             if response is not None:
                 try:
-                    responses.put_nowait(stream_response(encode_response(response, plans)))
+                    encoded = encode_response(response, plans, request.plan)
+                    responses.put_nowait(stream_response(encoded))
                 except Exception as exc:  # encoding failed: Salvo's bug, answered in-band
                     error = exc
             if error is not None:

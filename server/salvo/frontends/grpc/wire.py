@@ -27,7 +27,7 @@ general path's results, byte for byte.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,12 +59,17 @@ def tag(message: Any, field: str, packed: bool = False) -> bytes:
 
 def varint(value: int) -> bytes:
     """`value` (non-negative) as a protobuf base-128 varint."""
+    if value < 0x80:  # ids, names and small tensors: every request has a few
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 def read_varint(data: bytes | memoryview, pos: int) -> tuple[int, int] | None:
@@ -174,11 +179,13 @@ class WirePlan:
 
     def __init__(self, config: ModelConfig, version: int) -> None:
         self.config = config
+        self.version = version
         self._model = config.name
         self._version = version
         self._max_batch_size = config.max_batch_size
         self._inputs = _common_inputs(config)
         self._output_index = {spec.name: i for i, spec in enumerate(config.outputs)}
+        self._one_output = {name: (i,) for name, i in self._output_index.items()}
         self._all_outputs = tuple(range(len(config.outputs)))
         self._outputs = tuple(
             (spec.name, spec.datatype, _raw_dtype(spec.datatype)) for spec in config.outputs
@@ -189,7 +196,7 @@ class WirePlan:
         self._described: dict[tuple[int, tuple[int, ...]], bytes] = {}
 
     def decode(
-        self, request: pb.ModelInferRequest, parameters: dict[str, object]
+        self, request: pb.ModelInferRequest, parameters: Mapping[str, object]
     ) -> Prepared | None:
         """`request` (whose parameters decoded to `parameters`) prepared, if it is a common
         one; None leaves it to the general path."""
@@ -203,14 +210,13 @@ class WirePlan:
                 return None
         raw_contents = request.raw_input_contents
         tensors = request.inputs
-        if len(raw_contents) != len(specs) or len(tensors) != len(specs):
+        count = len(specs)
+        if len(raw_contents) != count or len(tensors) != count:
             return None
-        outputs = self._all_outputs
-        if request.outputs:
-            asked = tuple(self._output_index.get(o.name, -1) for o in request.outputs)
-            if -1 in asked or len(set(asked)) != len(asked):
-                return None
-            outputs = asked
+        asked = request.outputs
+        outputs = self._outputs_asked(asked) if asked else self._all_outputs
+        if outputs is None:
+            return None
         batching = self._max_batch_size > 0
         rows = 0
         arrays = []
@@ -231,7 +237,9 @@ class WirePlan:
                     return None
             elif shape != dims or len(raw) != row_bytes:
                 return None
-            arrays.append(np.frombuffer(raw, dtype=dtype).reshape(shape))
+            # A read-only view of the request's bytes (they are immutable), as frombuffer
+            # gives, in one call.
+            arrays.append(np.ndarray(shape, dtype, raw))
         return Prepared(
             model=self._model,
             version=self._version,
@@ -241,6 +249,16 @@ class WirePlan:
             rows=rows or 1,
             parameters=parameters,
         )
+
+    def _outputs_asked(self, asked: Any) -> tuple[int, ...] | None:
+        """The indices of the outputs a request names, in its order; None for a name the
+        model has not or a name asked twice (the general path says which)."""
+        if len(asked) == 1:  # the usual case: perf_analyzer names the one output
+            return self._one_output.get(asked[0].name)
+        indices = tuple([self._output_index.get(o.name, -1) for o in asked])
+        if -1 in indices or len(set(indices)) != len(indices):
+            return None
+        return indices
 
     def encode(
         self, request_id: str, outputs: Sequence[int], arrays: Sequence[np.ndarray]
