@@ -18,7 +18,13 @@ from salvo.domain.datatypes import DATATYPES
 from salvo.domain.status import InvalidRequest
 from salvo.domain.tensors import decode_tensor_raw, encode_tensor_raw
 from salvo.domain.types import Tensor
-from salvo.frontends.grpc.codec import decode_inputs, encode_outputs, encode_tensor_typed
+from salvo.frontends.grpc.codec import (
+    MessageParameters,
+    decode_inputs,
+    decode_parameters,
+    encode_outputs,
+    encode_tensor_typed,
+)
 from salvo_client.proto import grpc_service_pb2 as pb
 
 ALL = sorted(DATATYPES)
@@ -428,3 +434,18 @@ def test_encoders_reject_arrays_that_do_not_fit(
         encode_tensor_raw(datatype, array)
     with pytest.raises(ValueError, match=rf"output 'y'.*{fragment}"):
         encode_outputs(pb.ModelInferResponse(), [("y", datatype, array)])
+
+
+def test_message_parameters_read_values_as_decoded_without_inserting_keys():
+    request = pb.ModelInferRequest()
+    request.parameters["priority"].int64_param = 2
+    request.parameters["flag"].bool_param = True
+    request.parameters["note"].string_param = "x"
+    view = MessageParameters(request.parameters)
+    assert view.get("priority") == 2 and view["flag"] is True and view.get("note") == "x"
+    assert view.get("timeout") is None and view.get("timeout", 5) == 5
+    with pytest.raises(KeyError):
+        view["timeout"]
+    assert "timeout" not in request.parameters  # reading inserted nothing
+    assert dict(view) == decode_parameters(request) == {"priority": 2, "flag": True, "note": "x"}
+    assert len(view) == 3 and sorted(view) == ["flag", "note", "priority"]

@@ -12,7 +12,7 @@ from the data plane's answers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,6 +157,31 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
 def _parameter_value(p: pb.InferParameter) -> object:
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None
+
+
+class MessageParameters(Mapping[str, object]):
+    """A request's parameters as a read-only mapping of Python values, each converted when
+    it is read: the server reads two or three by name (`priority`, `timeout`, `cache`),
+    and clients send others it never reads (perf_analyzer, one on every request)."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, parameters: Any) -> None:
+        self._map = parameters
+
+    def __getitem__(self, key: str) -> object:
+        if key not in self._map:  # indexing a protobuf map would insert the key
+            raise KeyError(key)
+        return _parameter_value(self._map[key])
+
+    def get(self, key: str, default: object = None) -> object:
+        return _parameter_value(self._map[key]) if key in self._map else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
 
 
 def decode_parameters(request: pb.ModelInferRequest) -> dict[str, object]:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from salvo.domain.config import ModelConfig
 from salvo.domain.types import InferRequest, InferResponse, Prepared
 from salvo.domain.validation import validate_request
-from salvo.frontends.grpc.codec import decode_inputs, decode_parameters, encode_outputs
+from salvo.frontends.grpc.codec import MessageParameters, decode_inputs, encode_outputs
 from salvo.frontends.grpc.wire import WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
 
@@ -71,8 +71,8 @@ class MessageRequest(InferRequest):
 
     def parameters(self) -> Mapping[str, object]:
         if self._parameters is None:
-            message = self._message
-            self._parameters = decode_parameters(message) if message.parameters else _NO_PARAMETERS
+            parameters = self._message.parameters
+            self._parameters = MessageParameters(parameters) if parameters else _NO_PARAMETERS
         return self._parameters
 
     def prepare(self, config: ModelConfig, version: int) -> Prepared:
