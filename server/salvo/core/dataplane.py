@@ -87,8 +87,19 @@ class DataPlane:
             probe.model, probe.version = mv.name, str(mv.version)
         ok = False
         try:
-            if self.cache is not None and mv.config.response_cache.enable:
-                response = await self._cached(self.cache, mv, request, probe, start)
+            cache = self.cache
+            if cache is not None and mv.config.response_cache.enable:
+                # A request answered from the cache before is answered again through its
+                # alias, at once, before its inputs are decoded, validated and hashed.
+                fingerprint = request.fingerprint()
+                aliased = (
+                    None
+                    if fingerprint is None
+                    else self._aliased(cache, mv, request, probe, start, fingerprint)
+                )
+                response = aliased or await self._cached(
+                    cache, mv, request, probe, start, fingerprint
+                )
             else:
                 prepared = request.prepare(mv.config, mv.version)
                 scheduler = mv.scheduler
@@ -109,14 +120,24 @@ class DataPlane:
         what abandons the request if its caller goes away first (None once answered).
 
         A request for a model without the cache is queued now and answered from its
-        batch's callback, with no task of its own; a cached model's takes a task."""
+        batch's callback, with no task of its own; a cached model's is answered at once
+        when its alias finds it, and takes a task otherwise."""
         start = time.monotonic_ns()
         try:
             mv = self.router.route(request.model, request.version)
         except Exception as exc:
             done(None, exc)
             return None
-        if self.cache is not None and mv.config.response_cache.enable:
+        cache = self.cache
+        if cache is not None and mv.config.response_cache.enable:
+            fingerprint = request.fingerprint()
+            if fingerprint is not None:  # a hit through its alias is answered at once
+                probe = _probe(request, mv)
+                response = self._aliased(cache, mv, request, probe, start, fingerprint)
+                if response is not None:
+                    mv.stats.record_request(True, time.monotonic_ns() - start)
+                    done(response, None)
+                    return None
             task = asyncio.ensure_future(self.infer(request))  # routed again: the same way
             task.add_done_callback(lambda t: _finish(t, done))
 
@@ -149,6 +170,26 @@ class DataPlane:
         entry.waiter.add_done_callback(answered)
         return lambda: scheduler.abandon(entry)
 
+    @staticmethod
+    def _aliased(
+        cache: ResponseCache,
+        mv: ModelVersion,
+        request: InferRequest,
+        probe: Probe | None,
+        start: int,
+        fingerprint: bytes,
+    ) -> InferResponse | None:
+        """The response for a request whose fingerprint the cache has seen, or None."""
+        aliased = cache.lookup_alias(request.transport, fingerprint, mv.name, mv.version)
+        if aliased is None:
+            return None
+        cached, alias = aliased
+        now = time.monotonic_ns()
+        mv.stats.record_cache_hit(now - start, now - start)
+        if probe is not None:
+            probe.cache = "hit"
+        return InferResponse(mv.config, mv.version, request.id, alias.outputs, cached.arrays)
+
     async def _cached(
         self,
         cache: ResponseCache,
@@ -156,23 +197,10 @@ class DataPlane:
         request: InferRequest,
         probe: Probe | None,
         start: int,
+        fingerprint: bytes | None,
     ) -> InferResponse:
         """`request` through the response cache (unless it bypasses it)."""
         stats = mv.stats
-        fingerprint = request.fingerprint()
-        if fingerprint is not None:
-            # A request answered from the cache before is answered again through its alias,
-            # before its inputs are decoded, validated and hashed.
-            aliased = cache.lookup_alias(request.transport, fingerprint, mv.name, mv.version)
-            if aliased is not None:
-                cached, alias = aliased
-                now = time.monotonic_ns()
-                stats.record_cache_hit(now - start, now - start)
-                if probe is not None:
-                    probe.cache = "hit"
-                return InferResponse(
-                    mv.config, mv.version, request.id, alias.outputs, cached.arrays
-                )
         prepared = request.prepare(mv.config, mv.version)
         if not cacheable(prepared.parameters):
             arrays = await mv.scheduler.infer(prepared, request.deadline_ns, probe)
