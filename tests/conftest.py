@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo model repository, built once per test session exactly as `salvo demo-repo`."""
+    """The demo model repository, built once per pytest run exactly as `salvo demo-repo`."""
     from salvo.demo import build_demo_repo
 
     root = tmp_path_factory.mktemp("demo-repo")

@@ -171,8 +171,9 @@ class Supervisor:
         worker.process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "salvo", "serve",
             env=env, stdout=asyncio.subprocess.PIPE, stderr=None, limit=LOG_LINE_LIMIT,
-            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which then
-            # drains each worker once; and the worker dies with a supervisor that is killed.
+            # Its own process group (setsid): a terminal's Ctrl-C reaches the supervisor
+            # only, which then drains each worker once; and the worker dies with a
+            # supervisor that is killed.
             start_new_session=True, preexec_fn=_die_with_parent,
         )  # fmt: skip
         pid = worker.process.pid
