@@ -20,7 +20,7 @@ from salvo.domain.status import InvalidRequest
 from salvo.domain.types import Prepared
 from salvo.domain.validation import validate_request
 from salvo.frontends.grpc.codec import decode_inputs, decode_parameters, encode_outputs
-from salvo.frontends.grpc.wire import WirePlan
+from salvo.frontends.grpc.wire.plan import WirePlan
 from salvo_client.proto import grpc_service_pb2 as pb
 
 BATCHED = ModelConfig(

@@ -67,6 +67,23 @@ def element_count(name: str, datatype: str, shape: Sequence[int]) -> int:
     return 0 if has_zero else nbytes // dtype.itemsize
 
 
+ALIGNMENT = 16
+"""Where the contents of a bytes object start, modulo this: a raw tensor that is a whole
+bytes object is aligned so, one at any other offset in a buffer may not be."""
+
+
+def aligned_view(buffer: bytes, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only array of `shape` of the bytes of `buffer` at `offset`: a view where they
+    lie `ALIGNMENT`-aligned, else a copy. CPU kernels (oneDNN, MKL) round differently on
+    input that is not, so without the copy a request's answer would depend, in its last
+    bits, on where its bytes happened to lie in the message."""
+    array = np.ndarray(shape, dtype, buffer, offset)
+    if offset % ALIGNMENT:
+        array = array.copy()
+        array.flags.writeable = False
+    return array
+
+
 def decode_tensor_raw(
     name: str, datatype: str, shape: Sequence[int], raw: bytes, source: str = "raw_input_contents"
 ) -> np.ndarray:

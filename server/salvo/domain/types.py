@@ -7,7 +7,7 @@ the batcher; what comes back is an `InferResponse`, which the front end encodes.
 
 `prepare` is a method rather than a step of the core because the fastest way to decode a
 request depends on its transport: the gRPC front end checks its common requests and
-decodes them in one step from the message's fields (`frontends.grpc.wire`), and leaves
+decodes them in one step from the message's fields (`frontends.grpc.wire.plan`), and leaves
 everything else to `validate_request`, which every transport shares and whose errors
 name the field. Requests and responses are slotted classes, not frozen dataclasses: a
 frozen dataclass sets each field through `object.__setattr__`, which doubled the cost of

@@ -28,6 +28,7 @@ from salvo.domain.status import SalvoError
 from salvo.frontends.grpc.parsing import Undecodable
 from salvo.frontends.grpc.status import abort
 from salvo.frontends.grpc.wire import stream_error
+from salvo.frontends.grpc.wire.templates import parse
 from salvo_client.proto import grpc_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ def refusal_of(
     """Why this call of `rpc` (a short method name) may not be served, or None."""
     field = _MODEL_FIELD.get(rpc)
     # A message that did not parse has no model; the handler inside refuses it (`parsing`).
+    # Inference requests come as bytes, parsed here for their model: a template would
+    # also do, but bytes shaped to fool a quick look at the name must not.
+    if isinstance(request, bytes):
+        request = parse(request)
     model = None if field is None else getattr(request, field, None)
     return admission.check(
         principal, identity, rpc, model, rpc in _REPOSITORY_RPCS, time.monotonic()
@@ -151,13 +156,14 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
             answers: asyncio.Queue[Any] = asyncio.Queue()
 
             async def admitted() -> AsyncIterator[Any]:
-                async for request in requests:
+                async for data in requests:  # bytes (`wire.templates`)
+                    request = parse(data)
                     if isinstance(request, Undecodable):  # the stream ends on it, refused
-                        yield request
+                        yield data
                         continue
                     refusal = refusal_of(admission, principal, identity, rpc, request)
                     if refusal is None:
-                        yield request
+                        yield data
                     else:
                         answers.put_nowait(stream_error(request, refusal))
 

@@ -2,7 +2,8 @@
 
 A message becomes an `InferRequest` that is decoded when it is prepared: the data plane
 routes a request before it asks for its tensors, so a message is decoded against the
-config of the version that will serve it, through that version's `WirePlan` when it is a
+config of the version that will serve it: from its bytes where they match one of the
+connection's templates (`wire.templates`), through that version's `WirePlan` when it is a
 common request, else the general way (`codec.decode_inputs` and `validate_request`),
 which also gives the errors. A response is encoded through the same plan.
 """
@@ -17,7 +18,8 @@ from salvo.domain.config import ModelConfig
 from salvo.domain.types import InferRequest, InferResponse, Prepared
 from salvo.domain.validation import validate_request
 from salvo.frontends.grpc.codec import MessageParameters, decode_inputs, encode_outputs
-from salvo.frontends.grpc.wire import WirePlan
+from salvo.frontends.grpc.wire.plan import WirePlan
+from salvo.frontends.grpc.wire.templates import Matched, RequestTemplates
 from salvo_client.proto import grpc_service_pb2 as pb
 
 _NO_PARAMETERS: Mapping[str, object] = MappingProxyType({})
@@ -45,42 +47,70 @@ class WirePlans:
 
 
 class MessageRequest(InferRequest):
-    """One ModelInferRequest message, for the data plane."""
+    """One ModelInferRequest, for the data plane: a parsed message, or a template's bytes
+    (`wire.templates.Matched`). Given the connection's `templates` and the bytes a message was
+    parsed from, a message the plan takes becomes a template."""
 
-    __slots__ = ("_message", "_parameters", "_plans", "plan")
+    __slots__ = ("_data", "_matched", "_message", "_parameters", "_plans", "_templates", "plan")
 
     transport: ClassVar[str] = "grpc"
 
     def __init__(
         self,
-        message: pb.ModelInferRequest,
+        message: pb.ModelInferRequest | Matched,
         plans: WirePlans,
         deadline_ns: int | None = None,
         probe: Any = None,
+        templates: RequestTemplates | None = None,
+        data: bytes = b"",
     ) -> None:
         super().__init__(message.model_name, message.model_version, message.id, deadline_ns, probe)
-        self._message = message
+        if isinstance(message, Matched):
+            self._matched: Matched | None = message
+            self._message: pb.ModelInferRequest | None = None
+            self._parameters: Mapping[str, object] | None = message.template.parameters
+        else:
+            self._matched = None
+            self._message = message
+            self._parameters = None
         self._plans = plans
-        self._parameters: Mapping[str, object] | None = None
+        self._templates = templates
+        self._data = data
         self.plan: WirePlan | None = None
         """The plan the request was prepared with, which encodes its response."""
 
     @property
     def message(self) -> pb.ModelInferRequest:
-        return self._message
+        message = self._message
+        if message is None:
+            assert self._matched is not None
+            message = self._message = self._matched.message()
+        return message
 
     def parameters(self) -> Mapping[str, object]:
         if self._parameters is None:
-            parameters = self._message.parameters
+            parameters = self.message.parameters
             self._parameters = MessageParameters(parameters) if parameters else _NO_PARAMETERS
         return self._parameters
 
     def prepare(self, config: ModelConfig, version: int) -> Prepared:
-        message = self._message
-        parameters = self.parameters()
         plan = self.plan = self._plans.get(config, version)
+        matched = self._matched
+        if matched is not None:
+            prepared = matched.prepared(plan)
+            if prepared is not None:
+                return prepared
+            # A template of a version since replaced: parsed, and learnt anew below.
+            self._message = message = matched.message()
+            self._matched = None
+            self._data = matched.data
+        else:
+            message = self.message
+        parameters = self.parameters()
         prepared = plan.decode(message, parameters)
         if prepared is not None:
+            if self._templates is not None:
+                self._templates.learn(message, self._data, prepared, plan)
             return prepared
         return validate_request(
             config,
@@ -94,7 +124,9 @@ class MessageRequest(InferRequest):
     def fingerprint(self) -> bytes | None:
         """The message serialized deterministically without its id (which is not part of
         what it asks); None for a message with parameters."""
-        message = self._message
+        if self._matched is not None:
+            return self._matched.fingerprint()
+        message = self.message
         if message.parameters:
             return None
         request_id = message.id

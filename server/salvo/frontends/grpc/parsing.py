@@ -4,9 +4,10 @@ grpc.aio runs a method's request deserializer before any servicer context exists
 turns whatever it raises into UNKNOWN ("Unexpected DecodeError"), logging a traceback
 per request: a stranger sending garbage would flood the log and see a status that blames
 the server. So the deserializer never raises: a message that fails to parse becomes an
-`Undecodable`. A unary method's behaviour, wrapped here, aborts with INVALID_ARGUMENT
-before the servicer sees it; a stream (`stream.serve_stream`) stops reading at it and ends
-so itself, once the stream's requests before it are answered.
+`Undecodable`, and a unary method's behaviour, wrapped here, aborts with INVALID_ARGUMENT
+before the servicer sees it. ModelInfer and ModelStreamInfer take their messages' bytes
+instead (`wire.templates`) and refuse an `Undecodable` themselves: a unary call at once, a
+stream once its requests before it are answered.
 """
 
 from __future__ import annotations
@@ -53,9 +54,5 @@ def refuse_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         return handler._replace(request_deserializer=deserializer, unary_unary=unary_unary)
     if handler.stream_stream is not None:
-        # A stream's behaviour reads its own requests: it must stop at the first
-        # `Undecodable`, answer what came before, then end the stream INVALID_ARGUMENT from
-        # its own task (stream.serve_stream). No wrapper here: two more
-        # async generators per message cost the stream about 3% of its event loop.
         return handler._replace(request_deserializer=deserializer)
     return handler

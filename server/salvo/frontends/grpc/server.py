@@ -65,7 +65,7 @@ def add_inference_service(
     repository_changes: bool = True,
     gate: Gate | None = None,
 ) -> None:
-    """Register the v2 service; ModelInfer and ModelStreamInfer answer with ready bytes.
+    """Register the v2 service; ModelInfer and ModelStreamInfer take and answer bytes.
 
     A request message that does not parse is answered INVALID_ARGUMENT (see `parsing`).
     Without `repository_changes`, load and unload answer PERMISSION_DENIED. A `gate` can
@@ -75,7 +75,11 @@ def add_inference_service(
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
     handlers = {name: refuse_undecodable(h) for name, h in capture.handlers.items()}
     for method in ("ModelInfer", "ModelStreamInfer"):
-        handlers[method] = handlers[method]._replace(response_serializer=_serialize_response)
+        # Bytes in: the servicer reads them through a connection's templates or parses
+        # them, and refuses what does not parse itself. Bytes out.
+        handlers[method] = capture.handlers[method]._replace(
+            request_deserializer=None, response_serializer=_serialize_response
+        )
     if not repository_changes:
         handlers = refuse_repository_changes(handlers)
     if gate is not None:

@@ -15,8 +15,10 @@ from salvo.core.dataplane import DataPlane
 from salvo.domain.status import InvalidRequest, SalvoError
 from salvo.frontends.grpc import codec
 from salvo.frontends.grpc.messages import MessageRequest, WirePlans, encode_response
+from salvo.frontends.grpc.parsing import Undecodable
 from salvo.frontends.grpc.status import abort, grpc_status
 from salvo.frontends.grpc.stream import serve_stream
+from salvo.frontends.grpc.wire.templates import PeerTemplates, parse
 from salvo.observability.telemetry import Probe, Telemetry
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import grpc_service_pb2_grpc as pb_grpc
@@ -69,6 +71,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.telemetry = telemetry
         self.stream_max_in_flight = stream_max_in_flight
         self.plans = WirePlans()
+        self.templates = PeerTemplates()
 
     @observed
     async def ServerLive(self, request, context):
@@ -133,13 +136,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await abort(context, exc)
         return pb.RepositoryModelUnloadResponse()
 
-    async def ModelInfer(self, request, context):
+    async def ModelInfer(self, data: bytes, context):
+        # The method's deserializer hands over the message's bytes: read through the
+        # connection's templates (`wire.templates`), or parsed.
+        templates = self.templates.of(context.peer())
+        read = parse(data) if templates is None else templates.read(data)
+        if isinstance(read, Undecodable):
+            await abort(context, InvalidRequest(read.reason))
         remaining = context.time_remaining()
         deadline_ns = None if remaining is None else time.monotonic_ns() + int(remaining * 1e9)
         telemetry = self.telemetry
         if telemetry is None:
             try:
-                message = MessageRequest(request, self.plans, deadline_ns)
+                message = MessageRequest(read, self.plans, deadline_ns, None, templates, data)
                 response = await self.dataplane.infer(message)
                 return encode_response(response, self.plans, message.plan)
             except Exception as exc:
@@ -148,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         probe = Probe(telemetry.start_rpc(INFER, context.invocation_metadata))
         code, text = "OK", ""
         try:
-            message = MessageRequest(request, self.plans, deadline_ns, probe)
+            message = MessageRequest(read, self.plans, deadline_ns, probe, templates, data)
             response = await self.dataplane.infer(message)
             return encode_response(response, self.plans, message.plan)
         except asyncio.CancelledError:

@@ -3,7 +3,8 @@ each answered as soon as it is ready.
 
 An error is answered in-band (error_message, with the request's id and its status as a
 parameter) and the stream stays open; a message that does not parse ends it,
-INVALID_ARGUMENT, once the requests before it are answered. At most
+INVALID_ARGUMENT, once the requests before it are answered. Each message comes as bytes
+and is read through the stream's own request templates (`wire.templates`). At most
 `stream_max_in_flight` requests of one stream are served at once (backpressure: the
 stream is not read further meanwhile). Responses leave as serialized
 ModelStreamInferResponse bytes. When the stream goes away, what it still had queued is
@@ -25,6 +26,7 @@ from salvo.frontends.grpc.messages import MessageRequest, encode_response
 from salvo.frontends.grpc.parsing import Undecodable
 from salvo.frontends.grpc.status import grpc_status
 from salvo.frontends.grpc.wire import stream_error, stream_response
+from salvo.frontends.grpc.wire.templates import Matched, RequestTemplates
 from salvo.observability.telemetry import Probe
 from salvo_client.proto import grpc_service_pb2 as pb
 
@@ -36,7 +38,7 @@ STREAM = f"{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/Mo
 
 async def serve_stream(
     servicer: InferenceServicer,
-    request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable],
+    request_iterator: AsyncIterator[bytes],
     context: grpc.aio.ServicerContext,
 ) -> AsyncIterator[bytes]:
     """Serve one stream (see the module's docstring)."""
@@ -46,14 +48,15 @@ async def serve_stream(
     slots = asyncio.Semaphore(max_in_flight)
     pending: dict[MessageRequest, Callable[[], None]] = {}
     metadata = context.invocation_metadata()
+    templates = RequestTemplates()  # this stream's own
 
     def stream_metadata() -> Any:
         return metadata
 
-    def serve(message: pb.ModelInferRequest) -> None:
+    def serve(message: pb.ModelInferRequest | Matched, data: bytes) -> None:
         begun = time.monotonic_ns()
         probe = Probe(telemetry.start_rpc(STREAM, stream_metadata)) if telemetry else None
-        request = MessageRequest(message, plans, None, probe)
+        request = MessageRequest(message, plans, None, probe, templates, data)
 
         def done(response: InferResponse | None, error: BaseException | None) -> None:
             pending.pop(request, None)
@@ -82,12 +85,13 @@ async def serve_stream(
 
     async def read_all() -> None:
         try:
-            async for message in request_iterator:
+            async for data in request_iterator:
+                message = templates.read(data)
                 if isinstance(message, Undecodable):
                     refused.append(message)  # answered below, once the rest are
                     break
                 await slots.acquire()
-                serve(message)
+                serve(message, data)
             # Every request answered gives its slot back: all of them back, all answered.
             for _ in range(max_in_flight):
                 await slots.acquire()
