@@ -19,7 +19,8 @@ from salvo.core.dataplane import DataPlane
 from salvo.core.router import Router
 from salvo.engine.repository import ModelLoader, ModelManager
 from salvo.frontends.grpc.server import GrpcFrontEnd
-from salvo.frontends.http.server import HttpServer
+from salvo.frontends.http.app import RestApi
+from salvo.frontends.http.server import HttpFrontEnd
 from salvo.observability.telemetry import Telemetry
 from salvo.ops import lifecycle
 from salvo.ops.access import admission_from, repository_changes_allowed
@@ -64,12 +65,16 @@ class SalvoServer:
     async def start(self) -> None:
         """Bind, log the ports, load the models, turn health SERVING."""
         s = self.settings
-        self.grpc = GrpcFrontEnd(
-            s, self.dataplane, admission_from(s), repository_changes_allowed(s), self.telemetry
-        )
+        admission = admission_from(s)
+        changes = repository_changes_allowed(s)
+        self.grpc = GrpcFrontEnd(s, self.dataplane, admission, changes, self.telemetry)
         self.grpc_port = await self.grpc.start()
-        self.http = HttpServer(self.registry, self.dataplane.ready)
-        self.http_port = await self.http.start(s.host, s.http_port)
+        api = RestApi(
+            self.dataplane, self.registry, admission, changes, s.max_message_bytes,
+            s.http_cors_origins, self.telemetry,
+        )  # fmt: skip
+        self.http = HttpFrontEnd(api.app, s)
+        self.http_port = await self.http.start()
         log.info("listening grpc=%s:%d http=%s:%d", s.host, self.grpc_port, s.host, self.http_port)
 
         await self.models.load_all()

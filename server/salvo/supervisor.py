@@ -15,7 +15,9 @@ The supervisor loads no model. It
 - forwards SIGTERM and SIGINT so each worker drains as a single server would, then exits;
 - serves the HTTP port itself: `/metrics` merges the workers' metrics with a `worker`
   label (every series stays a true counter or histogram for Prometheus to aggregate), and
-  `/v2/health/ready` is ready while every worker is.
+  `/v2/health/ready` is ready while every worker is. The REST API is not served there:
+  each worker's HTTP port is private (loopback, for these scrapes), so with workers,
+  inference is gRPC's.
 OTLP pushes need no merging: each worker exports its own, with `service.instance.id` set.
 """
 
@@ -34,12 +36,14 @@ import time
 import urllib.request
 from collections.abc import Iterable
 
+from fastapi import FastAPI
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from salvo.frontends.http.server import HttpServer
+from salvo.frontends.http.server import HttpFrontEnd
 from salvo.ops.settings import Settings
 
 log = logging.getLogger("salvo.supervisor")
@@ -110,8 +114,8 @@ class Supervisor:
         s = self.settings
         reserved = reserve_port(s.host, s.grpc_port)
         self.grpc_port = reserved.getsockname()[1]
-        http = _SupervisorHttp(self)
-        self.http_port = await http.start(s.host, s.http_port)
+        http = HttpFrontEnd(supervisor_app(self), s)
+        self.http_port = await http.start()
         log.info(
             "listening grpc=%s:%d http=%s:%d (supervising %d workers)",
             s.host, self.grpc_port, s.host, self.http_port, len(self.workers),
@@ -160,6 +164,7 @@ class Supervisor:
             WORKER_ENV: str(worker.index),
             "SALVO_GRPC_PORT": str(self.grpc_port),
             "SALVO_HTTP_PORT": "0",
+            "SALVO_HTTP_PRIVATE": "true",
             "SALVO_REUSE_PORT": "true",
             "SALVO_WORKERS": "1",
             "SALVO_TORCH_THREADS": str(s.torch_threads or threads_per_worker(len(self.workers))),
@@ -214,7 +219,7 @@ class Supervisor:
         """GET `path` from every running worker: (worker, status, body); status 0 if unreachable."""
 
         def get(worker: _Worker) -> tuple[_Worker, int, bytes]:
-            url = f"http://{_connect_host(self.settings.host)}:{worker.http_port}{path}"
+            url = f"http://127.0.0.1:{worker.http_port}{path}"  # private: loopback, plaintext
             try:
                 with urllib.request.urlopen(url, timeout=5) as reply:
                     return worker, reply.status, reply.read()
@@ -227,26 +232,29 @@ class Supervisor:
         return list(await asyncio.gather(*(asyncio.to_thread(get, w) for w in ready)))
 
 
-class _SupervisorHttp(HttpServer):
-    """The HTTP port of `salvo serve --workers N`: the workers' answers, merged."""
+def supervisor_app(supervisor: Supervisor) -> FastAPI:
+    """The HTTP port of `salvo serve --workers N`: the workers' metrics and readiness,
+    merged. (Each worker serves the REST API on its own loopback port only.)"""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        super().__init__(CollectorRegistry(), lambda: False)
-        self.supervisor = supervisor
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        answers = await supervisor.scrape("/metrics")
+        texts = {w.index: body.decode() for w, status, body in answers if status == 200}
+        return Response(merge_metrics(texts), media_type=CONTENT_TYPE_LATEST)
 
-    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        route = path.split("?", 1)[0]
-        if method in ("GET", "HEAD") and route == "/metrics":
-            answers = await self.supervisor.scrape("/metrics")
-            texts = {w.index: body.decode() for w, status, body in answers if status == 200}
-            return 200, CONTENT_TYPE_LATEST, merge_metrics(texts)
-        if method in ("GET", "HEAD") and route == "/v2/health/ready":
-            answers = await self.supervisor.scrape("/v2/health/ready")
-            ready = len(answers) == len(self.supervisor.workers) and all(
-                status == 200 for _, status, _ in answers
-            )
-            return (200, "text/plain", b"ready\n") if ready else (503, "text/plain", b"not ready\n")
-        return await super()._route(method, path)
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(b"live\n", media_type="text/plain")
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        answers = await supervisor.scrape("/v2/health/ready")
+        if len(answers) == len(supervisor.workers) and all(s == 200 for _, s, _ in answers):
+            return Response(b"ready\n", media_type="text/plain")
+        return Response(b"not ready\n", 503, media_type="text/plain")
+
+    return app
 
 
 def merge_metrics(texts: dict[int, str]) -> bytes:
@@ -308,15 +316,6 @@ def _die_with_parent() -> None:
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _connect_host(host: str) -> str:
-    """Where to reach a worker bound to `host` (a wildcard address means loopback)."""
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
 
 
 def _with_instance(attributes: str, index: int) -> str:

@@ -1,5 +1,5 @@
-"""Triton's own benchmark client, perf_analyzer, drives Salvo unmodified (unary, streaming,
-and a model answered from the response cache).
+"""Triton's own benchmark client, perf_analyzer, drives Salvo unmodified (gRPC unary and
+streaming, REST, and a model answered from the response cache).
 
 `make test` installs it (benchmarks/setup_perf_analyzer.sh); run by hand, the test skips
 when that has not been done.
@@ -30,17 +30,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "streaming"])
-def test_perf_analyzer_measures_salvo(demo_server, tmp_path, streaming):
+@pytest.mark.parametrize("mode", ["unary", "streaming", "http"])
+def test_perf_analyzer_measures_salvo(demo_server, tmp_path, mode):
+    """Over gRPC (unary and streaming) and over REST (`-i http`: binary tensor data, the
+    model's config and statistics read as JSON)."""
     with tc.InferenceServerClient(demo_server.grpc_target) as client:
         before = client.get_inference_statistics("mlp").model_stats[0].inference_count
     out = tmp_path / "pa.csv"
+    target = f"127.0.0.1:{demo_server.http_port}" if mode == "http" else demo_server.grpc_target
     cmd = [
-        str(WRAPPER), "-m", "mlp", "-i", "grpc", "-u", demo_server.grpc_target,
+        str(WRAPPER), "-m", "mlp", "-i", "http" if mode == "http" else "grpc", "-u", target,
         "-b", "1", "--concurrency-range", "4", "-p", "500", "-s", "100",
         "--percentile", "50", "--max-trials", "12", "-f", str(out),
     ]  # fmt: skip
-    cmd.append("--streaming" if streaming else "--async")
+    cmd.append("--streaming" if mode == "streaming" else "--async")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = list(csv.DictReader(out.open()))

@@ -4,7 +4,10 @@ tritonclient as referees: right credentials work, anything else fails with its s
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import shutil
+import ssl
 from pathlib import Path
 
 import grpc
@@ -253,6 +256,45 @@ def test_probes_and_reflection_need_no_token(server, pki):
         )
         services = {s.name for answer in answers for s in answer.list_services_response.service}
     assert "inference.GRPCInferenceService" in services
+
+
+def rest_call(server: ServerProcess, pki: Pki, client_cert: bool = True, token: str = ADMIN):
+    """POST an mlp inference over HTTPS: (status, JSON answer)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if client_cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    connection = http.client.HTTPSConnection(
+        "localhost", server.http_port, context=context, timeout=20
+    )
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": X.ravel().tolist()}
+            ]
+        }
+    )
+    try:
+        connection.request("POST", "/v2/models/mlp/infer", body, bearer(token))
+        reply = connection.getresponse()
+        return reply.status, json.loads(reply.read())
+    finally:
+        connection.close()
+
+
+def test_the_rest_api_is_served_over_the_same_mutual_tls_and_tokens(server, pki):
+    status, answer = rest_call(server, pki)
+    assert status == 200 and answer["outputs"][0]["shape"] == [1, 10]
+    status, answer = rest_call(server, pki, token="wrong")
+    assert status == 401 and "invalid bearer token" in answer["error"]
+    # No client certificate: the handshake fails, as on the gRPC port.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        rest_call(server, pki, client_cert=False)
+    # Plaintext reaches no REST API on a TLS port.
+    plain = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=20)
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        plain.request("GET", "/v2/health/live")
+        plain.getresponse().read()
+    plain.close()
 
 
 def test_server_only_tls_and_disabled_repository_rpcs(repo, pki):

@@ -8,11 +8,13 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as thttp
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
+from tritonclient.utils import InferenceServerException
 
 from salvo.observability.telemetry import Telemetry
 from tests.gated import POISON, GatedLoader, write_model
@@ -100,6 +102,38 @@ def test_request_span_continues_the_callers_trace_with_queue_and_compute_childre
         assert child.parent.span_id == span.context.span_id
         assert span.start_time <= child.start_time <= child.end_time <= span.end_time
     assert children["queue"].end_time <= children["compute"].start_time
+
+
+REST_INFER = "POST /v2/models/{model}/infer"
+
+
+def test_a_rest_request_continues_the_callers_trace_with_http_conventions(server, spans):
+    rest = thttp.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    x = thttp.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.full((1, 2), 1.0, np.float32))
+    rest.infer("m", [x], headers={"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN}-01"})
+    (span,) = finished(spans, REST_INFER)
+    assert span.kind is SpanKind.SERVER
+    assert format(span.context.trace_id, "032x") == TRACE_ID
+    assert format(span.parent.span_id, "016x") == PARENT_SPAN
+    attrs = dict(span.attributes)
+    assert attrs["http.request.method"] == "POST"
+    assert attrs["http.route"] == "/v2/models/{model}/infer"
+    assert attrs["http.response.status_code"] == 200
+    assert attrs["salvo.model.name"] == "m" and attrs["salvo.batch.size"] == 1
+    children = {s.name for s in spans.get_finished_spans() if s.parent is not None}
+    assert {"queue", "compute"} <= children
+    # A caller's mistake is not the server's error (OTel's HTTP conventions): only 5xx are.
+    bad = thttp.InferInput("x", [1, 2], "FP64")  # the model takes FP32
+    bad.set_data_from_numpy(np.zeros((1, 2), np.float64))
+    with pytest.raises(InferenceServerException):
+        rest.infer("m", [bad])
+    assert rest.is_server_ready()  # health: not traced
+    spans_of = finished(spans, REST_INFER)
+    assert len(spans_of) == 2
+    assert spans_of[1].attributes["http.response.status_code"] == 400
+    assert spans_of[1].status.status_code is not StatusCode.ERROR
+    rest.close()
 
 
 def test_a_caller_that_did_not_sample_gets_no_spans(client, spans):
@@ -208,6 +242,32 @@ def test_metrics_after_a_known_sequence(server, client, loader, metrics):
     assert queue_points["m"].count == 6  # every request that reached a batch
 
 
+def test_metrics_tell_rest_from_grpc(server, client, metrics):
+    rest = thttp.InferenceServerClient(f"127.0.0.1:{server.server.http_port}")
+    x = thttp.InferInput("x", [1, 2], "FP32")
+    x.set_data_from_numpy(np.full((1, 2), 1.0, np.float32))
+    rest.infer("m", [x])
+    rest.infer("m", [x])
+    with pytest.raises(InferenceServerException):
+        rest.infer("nope", [x])
+    client.infer("m", [x_input(1.0)])
+    rest.close()
+    points = metric_points(metrics)
+    requests = {
+        (p.attributes["protocol"], p.attributes["outcome"]): p.value
+        for p in points["salvo.requests"]
+        if p.attributes["model"] == "m"
+    }
+    assert requests == {("http", "success"): 2, ("grpc", "success"): 1}
+    durations = {p.attributes["protocol"]: p.count for p in points["salvo.request.duration"]}
+    assert durations == {"http": 2, "grpc": 1}
+    http = {
+        (p.attributes["http.route"], p.attributes["http.response.status_code"]): p.count
+        for p in points["http.server.request.duration"]
+    }
+    assert http == {("/v2/models/{model}/infer", "200"): 2, ("/v2/models/{model}/infer", "404"): 1}
+
+
 def test_prometheus_endpoint_exposes_the_same_instruments(demo_server):
     import urllib.request
 
@@ -229,4 +289,4 @@ def test_prometheus_endpoint_exposes_the_same_instruments(demo_server):
         "salvo_model_ready",
     ):
         assert name in text, name
-    assert 'salvo_requests_total{model="mlp",outcome="success",version="1"}' in text
+    assert 'salvo_requests_total{model="mlp",outcome="success",protocol="grpc",version="1"}' in text

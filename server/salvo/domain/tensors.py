@@ -97,16 +97,41 @@ def decode_tensor_raw(
     count = element_count(name, datatype, shape)
     if dtype.kind == "O":
         return _split_bytes(name, shape, count, raw, source).reshape(shape)
-    needed = count * dtype.itemsize
-    if len(raw) != needed:
-        raise InvalidRequest(
-            f"input '{name}': {source} holds {len(raw)} bytes, "
-            f"but shape {list(shape)} of {datatype} needs {needed}"
-        )
+    _check_size(name, datatype, shape, count * dtype.itemsize, len(raw), source)
     # Any non-zero byte would be a numpy bool that is neither True nor False.
     if dtype.kind == "b" and raw.translate(None, b"\x00\x01"):
         raise InvalidRequest(f"input '{name}': BOOL {source} must hold bytes 0 or 1")
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_tensor_at(
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    buffer: bytes,
+    offset: int,
+    size: int,
+    source: str,
+) -> np.ndarray:
+    """`decode_tensor_raw` of the `size` bytes of `buffer` at `offset` (which the caller
+    has checked lie inside it): a fixed-width tensor is a view of `buffer` where aligned
+    (`aligned_view`), never a copy of the whole slice first."""
+    dtype = _dtype(name, datatype)
+    if dtype.kind in "Ob":
+        return decode_tensor_raw(name, datatype, shape, buffer[offset : offset + size], source)
+    count = element_count(name, datatype, shape)
+    _check_size(name, datatype, shape, count * dtype.itemsize, size, source)
+    return aligned_view(buffer, offset, dtype, tuple(shape))
+
+
+def _check_size(
+    name: str, datatype: str, shape: Sequence[int], needed: int, size: int, source: str
+) -> None:
+    if size != needed:
+        raise InvalidRequest(
+            f"input '{name}': {source} holds {size} bytes, "
+            f"but shape {list(shape)} of {datatype} needs {needed}"
+        )
 
 
 def _split_bytes(

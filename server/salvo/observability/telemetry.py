@@ -97,18 +97,26 @@ OUTCOMES = {
 
 
 class _ModelPoints:
-    """The bound metric points of one model version."""
+    """The bound metric points of one model version's batches and queue."""
 
-    __slots__ = ("_telemetry", "_labels", "_outcomes", "duration", "queue", "compute", "batch_size")
+    __slots__ = ("queue", "compute", "batch_size")
+
+    def __init__(self, telemetry: Telemetry, labels: dict[str, str]) -> None:
+        self.queue = telemetry.queue_duration.bind(labels)
+        self.compute = telemetry.compute_duration.bind(labels)
+        self.batch_size = telemetry.batch_size.bind(labels)
+
+
+class _RequestPoints:
+    """The bound metric points of one model version's requests over one protocol."""
+
+    __slots__ = ("_telemetry", "_labels", "_outcomes", "duration")
 
     def __init__(self, telemetry: Telemetry, labels: dict[str, str]) -> None:
         self._telemetry = telemetry
         self._labels = labels
         self._outcomes: dict[str, CounterPoint] = {}
         self.duration = telemetry.request_duration.bind(labels)
-        self.queue = telemetry.queue_duration.bind(labels)
-        self.compute = telemetry.compute_duration.bind(labels)
-        self.batch_size = telemetry.batch_size.bind(labels)
 
     def outcome(self, code: str) -> CounterPoint:
         point = self._outcomes.get(code)
@@ -176,6 +184,10 @@ class Telemetry:
         self.rpc_duration = self.meters.histogram(
             "rpc.server.call.duration", "s", "Duration of RPCs served", SECONDS_BUCKETS
         )
+        self.http_duration = self.meters.histogram(
+            "http.server.request.duration", "s", "Duration of HTTP requests served",
+            SECONDS_BUCKETS,
+        )  # fmt: skip
         self.requests = self.meters.counter(
             "salvo.requests", "{request}", "Inference requests by outcome"
         )
@@ -272,19 +284,36 @@ class Telemetry:
         """
         if self.tracer is None:
             return None
-        carrier = {k: v for k, v in metadata() or () if isinstance(v, str)}
+        service, _, name = method.rpartition("/")
+        attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        return self._server_span(method, metadata, attributes)
+
+    def start_http(
+        self, method: str, route: str, headers: Callable[[], Iterable[tuple[str, Any]]]
+    ) -> Any:
+        """The SERVER span of one HTTP request (named by its method and route template, as
+        OTel's HTTP conventions say), its parent from `traceparent`; or None, as for RPCs."""
+        if self.tracer is None:
+            return None
+        attributes = {"http.request.method": method, "http.route": route}
+        return self._server_span(f"{method} {route}", headers, attributes)
+
+    def _server_span(
+        self,
+        name: str,
+        carrier_items: Callable[[], Iterable[tuple[str, Any]] | None],
+        attributes: dict[str, str],
+    ) -> Any:
+        assert self.tracer is not None
+        carrier = {k: v for k, v in carrier_items() or () if isinstance(v, str)}
         if "traceparent" in carrier:
             parent = extract(carrier)
         elif self._root_ratio is not None and export.draw() >= self._root_ratio:
             return None  # a root Salvo's own draw dropped (see _root_ratio)
         else:
             parent = otel_context.Context()
-        service, _, name = method.rpartition("/")
         span = self.tracer.start_span(
-            method,
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
         )
         return span if span.is_recording() else None
 
@@ -303,15 +332,44 @@ class Telemetry:
         cache outcome and batch timings.
         """
         self._rpc_point(method, code).record(duration_s)
+        self._end(method, "grpc", probe, code, message, duration_s, peer)
+
+    def end_http(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        probe: Probe,
+        code: str,
+        message: str,
+        duration_s: float,
+        peer: str = "",
+    ) -> None:
+        """Finish an HTTP request: `status` is the HTTP status sent, `code` the core's
+        status name behind it ("OK" for a success), as for RPCs."""
+        self._http_point(method, route, status).record(duration_s)
+        self._end(f"{method} {route}", "http", probe, code, message, duration_s, peer, status)
+
+    def _end(
+        self,
+        name: str,
+        protocol: str,
+        probe: Probe,
+        code: str,
+        message: str,
+        duration_s: float,
+        peer: Callable[[], str] | str,
+        http_status: int = 0,
+    ) -> None:
         if probe.model:
-            points = self._model_points(probe.model, probe.version)
+            points = self._request_points(probe.model, probe.version, protocol)
             points.outcome(code).add()
             points.duration.record(duration_s)
         if probe.span is not None:
-            self._finish_span(probe, code, message)
+            self._finish_span(probe, code, message, http_status)
         if probe.model and self.access_log.take():
             who = peer() if callable(peer) else peer
-            self.access_log.write(method, probe, code, duration_s, who)
+            self.access_log.write(name, probe, code, duration_s, who)
 
     # Points are bound once per label set; label values come only from resolved models and
     # the fixed sets of methods and status codes, so their number stays small.
@@ -322,13 +380,28 @@ class Telemetry:
         )
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019
+    def _http_point(self, method: str, route: str, status: int) -> HistogramPoint:
+        return self.http_duration.bind(
+            {"http.request.method": method, "http.route": route,
+             "http.response.status_code": str(status)}
+        )  # fmt: skip
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
+    def _request_points(self, model: str, version: str, protocol: str) -> _RequestPoints:
+        return _RequestPoints(self, {"model": model, "version": version, "protocol": protocol})
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019
     def _model_points(self, model: str, version: str) -> _ModelPoints:
         return _ModelPoints(self, {"model": model, "version": version})
 
-    def _finish_span(self, probe: Probe, code: str, message: str) -> None:
+    def _finish_span(self, probe: Probe, code: str, message: str, http_status: int = 0) -> None:
         span = probe.span
         if span.is_recording():
-            attributes: dict[str, Any] = {"rpc.grpc.status_code": code}
+            attributes: dict[str, Any] = (
+                {"http.response.status_code": http_status}
+                if http_status
+                else {"rpc.grpc.status_code": code}
+            )
             if probe.model:
                 attributes["salvo.model.name"] = probe.model
                 attributes["salvo.model.version"] = probe.version
@@ -347,7 +420,9 @@ class Telemetry:
                         )
                         child.end(end_time=wall_ns(end))
             span.set_attributes(attributes)
-            if code != "OK":
+            # An HTTP server span is an error for a 5xx only (OTel's HTTP conventions): a
+            # 4xx is the caller's. An RPC's is an error for any status but OK.
+            if (http_status >= 500) if http_status else code != "OK":
                 span.set_status(Status(StatusCode.ERROR, message))
         span.end()
 

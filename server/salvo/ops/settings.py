@@ -22,14 +22,17 @@ class Settings(BaseSettings):
     grpc_port: int = Field(default=8001, ge=0, le=65535)
     """gRPC port (Triton's default); 0 picks a free port, logged at start-up."""
     http_port: int = Field(default=8002, ge=0, le=65535)
-    """HTTP port for /metrics and /v2/health/*; 0 picks a free port."""
+    """HTTP port: the v2 REST API, /metrics and /v2/health/*; 0 picks a free port."""
+    http_cors_origins: tuple[str, ...] = ()
+    """Origins browsers may call the REST API from (CORS), e.g. `["https://app.example"]`
+    (JSON in SALVO_HTTP_CORS_ORIGINS); none by default."""
     shutdown_grace_s: float = Field(default=5.0, ge=0)
     """On SIGTERM or SIGINT, how long new calls are still served while health reports
     NOT_SERVING, so that load balancers move away first; a second signal cuts it short."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """After that grace, how long queued and running requests get to finish."""
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
-    """Largest gRPC message accepted or sent."""
+    """Largest gRPC message accepted or sent, and largest HTTP request body (inflated)."""
     stream_max_in_flight: int = Field(default=256, ge=1)
     """Requests of one ModelStreamInfer stream being served at once; more wait (backpressure)."""
     cache_max_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
@@ -46,8 +49,8 @@ class Settings(BaseSettings):
 
     # Security, admission and connections. TLS, tokens and rate limits are off by default.
     tls_cert_file: Path | None = None
-    """PEM certificate chain for the gRPC port; with `tls_key_file` it serves TLS only.
-    The HTTP port (metrics, health) stays plaintext: keep it on a private network."""
+    """PEM certificate chain; with `tls_key_file` both ports serve TLS only (gRPC, and
+    HTTP: the REST API, metrics and health)."""
     tls_key_file: Path | None = None
     """PEM private key of `tls_cert_file`."""
     tls_client_ca_file: Path | None = None
@@ -101,6 +104,9 @@ class Settings(BaseSettings):
     its own models and event loop; see salvo.workers."""
     reuse_port: bool = False
     """Bind the gRPC port with SO_REUSEPORT (set by the supervisor for its workers)."""
+    http_private: bool = False
+    """Bind the HTTP port on loopback, plaintext, for the supervisor's scrapes alone (set by
+    the supervisor for its workers: their REST API is not served to other hosts)."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "asyncio"
     """The event loop: asyncio's own, uvloop (`pip install uvloop`), or `auto` (uvloop where
     installed). uvloop measured no gain here: within ±10% either way on mlp at concurrency

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from salvo import __version__
 from salvo.core.dataplane import IndexEntry, ModelInfo
 from salvo.domain.config import ModelConfig
 from salvo.domain.datatypes import DATATYPES
+from salvo.domain.protocol import EXTENSIONS, PLATFORM, SERVER_NAME, SERVER_VERSION
 from salvo.domain.stats import Duration, ModelStats
 from salvo.domain.status import InvalidRequest
 from salvo.domain.tensors import (
@@ -36,9 +36,6 @@ from salvo.domain.types import Tensor
 from salvo.frontends.grpc.wire import packed_contents, packed_payload, tag
 from salvo_client.proto import grpc_service_pb2 as pb
 from salvo_client.proto import model_config_pb2 as mc
-
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "binary_tensor_data"]
-PLATFORM = "pytorch_libtorch"
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,4 +316,6 @@ def index(entries: Sequence[IndexEntry]) -> pb.RepositoryIndexResponse:
 
 
 def server_metadata() -> pb.ServerMetadataResponse:
-    return pb.ServerMetadataResponse(name="salvo", version=__version__, extensions=EXTENSIONS)
+    return pb.ServerMetadataResponse(
+        name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+    )

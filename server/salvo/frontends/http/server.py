@@ -1,98 +1,102 @@
-"""The HTTP port: Prometheus `/metrics` and the v2 health endpoints, nothing else.
+"""The HTTP port: an ASGI app (the v2 REST API, or the supervisor's merged metrics and
+health) served by uvicorn on the process's one event loop, beside grpc.aio.
 
-A few lines of asyncio rather than a web framework: three GET routes do not need one.
+uvicorn runs without its own signal handlers (Salvo's lifecycle owns SIGTERM and SIGINT
+and drains both ports), without its access log (Salvo's telemetry writes one), and on a
+socket bound here, so a port of 0 reports the port it got. TLS, where the settings
+configure it for gRPC, serves this port too, with the same certificate and client CA: an
+inference must not be readable on one port when it is protected on the other. A worker
+of `salvo serve --workers` binds it on loopback, plaintext (`http_private`): only its
+supervisor reads it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import Callable
+import socket
+import ssl
+from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+import uvicorn
 
-log = logging.getLogger(__name__)
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    503: "Service Unavailable",
-}
+from salvo.ops.settings import Settings
 
 
-class HttpServer:
-    """Serves `/metrics`, `/v2/health/live` and `/v2/health/ready` on one port."""
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, minus its signal handling; `up` is set once it listens."""
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
-        self.registry = registry
-        self.ready = ready
-        self._server: asyncio.Server | None = None
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.up = asyncio.Event()
 
-    async def start(self, host: str, port: int) -> int:
-        """Start listening; returns the bound port."""
-        self._server = await asyncio.start_server(self._handle, host, port)
-        return self._server.sockets[0].getsockname()[1]
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.up.set()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets that say TCP,
+    # and without it every answer written in two parts waits out the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class HttpFrontEnd:
+    """Serves `app` on the settings' host and HTTP port."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self.private = settings.http_private
+        self.host = "127.0.0.1" if self.private else settings.host
+        self.tls = settings.tls_cert_file is not None and not self.private
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> int:
+        """Listen; returns the bound port."""
+        s = self.settings
+        options: dict[str, Any] = {}
+        if self.tls:
+            options = {"ssl_certfile": str(s.tls_cert_file), "ssl_keyfile": str(s.tls_key_file)}
+            if s.tls_client_ca_file is not None:
+                options["ssl_ca_certs"] = str(s.tls_client_ca_file)
+                options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            http="httptools",
+            timeout_graceful_shutdown=max(1, round(s.drain_timeout_s)),
+            **options,
+        )
+        sock = _bind(self.host, s.http_port)
+        server = self._server = _Uvicorn(config)
+        self._task = asyncio.create_task(server.serve(sockets=[sock]))
+        up = asyncio.create_task(server.up.wait())
+        done, _ = await asyncio.wait((self._task, up), return_when=asyncio.FIRST_COMPLETED)
+        if self._task in done:  # it failed to start: say why
+            up.cancel()
+            self._task.result()
+            raise RuntimeError("the HTTP server stopped as it started")
+        return sock.getsockname()[1]
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2)
-
-    async def _route(self, method: str, path: str) -> tuple[int, str, bytes]:
-        path = path.split("?", 1)[0]
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"method not allowed\n"
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
-        if path == "/v2/health/live":
-            return 200, "text/plain", b"live\n"
-        if path == "/v2/health/ready":
-            if self.ready():
-                return 200, "text/plain", b"ready\n"
-            return 503, "text/plain", b"not ready\n"
-        return 404, "text/plain", b"not found\n"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
-                lines = head.decode("latin-1").split("\r\n")
-                parts = lines[0].split()
-                if len(parts) != 3:
-                    status, ctype, body = 400, "text/plain", b"bad request\n"
-                    keep_alive = False
-                else:
-                    method, path, version = parts
-                    status, ctype, body = await self._route(method, path)
-                    headers = {
-                        k.strip().lower(): v.strip()
-                        for k, _, v in (line.partition(":") for line in lines[1:] if line)
-                    }
-                    conn = headers.get("connection", "").lower()
-                    keep_alive = conn == "keep-alive" or (version == "HTTP/1.1" and conn != "close")
-                    if method == "HEAD":
-                        body = b""
-                writer.write(
-                    f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n".encode()
-                    + body
-                )
-                await writer.drain()
-                if not keep_alive:
-                    break
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            TimeoutError,
-            ConnectionError,
-        ):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        """Stop listening; answers being written get up to the drain timeout."""
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception):
+            await self._task
