@@ -136,10 +136,11 @@ class Load:
             if not self._changed.wait_for(lambda: self.ok >= target, timeout_s):
                 raise AssertionError(f"{self.ok} calls succeeded, wanted {target}: {self.failures}")
 
-    def wait_served(self, replica: ServerProcess, timeout_s: float = 30) -> int:
-        """Block until `replica` has served calls of this load; paced by the load's progress."""
+    def wait_served(self, replica: ServerProcess, timeout_s: float = 30, after: int = 0) -> int:
+        """Block until `replica` has served more than `after` calls of this load; paced by
+        the load's progress."""
         deadline = time.monotonic() + timeout_s
-        while (count := _inference_count(replica, self.model)) == 0:
+        while (count := _inference_count(replica, self.model)) <= after:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{replica.grpc_target} served nothing in {timeout_s} s")
             self.wait_ok(CONCURRENCY)
@@ -213,6 +214,10 @@ def test_replica_killed_through_nginx_loses_nothing_with_retries(replicas, gates
         Load(client, PROXIED, CONCURRENCY // 2) as load,
         ThreadPoolExecutor(calls) as pool,
     ):
+        # nginx sends this load to the victim again: any idle connection it kept to the
+        # victim's predecessor (restarted in the test before) has failed and been dropped,
+        # and the victim is not marked down for `fail_timeout` while the held calls go out.
+        load.wait_served(victim, after=_inference_count(victim, PROXIED) + CONCURRENCY)
         held = [
             pool.submit(client.infer, "gated", {"x": np.full((1, 4), n, dtype=np.float32)})
             for n in range(calls)
