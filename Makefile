@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -79,6 +79,11 @@ bench-hold: $(STAMP) perf-venv
 bench-compare: $(STAMP) perf-venv
 	benchmarks/setup_mlserver.sh
 	$(BIN)/python benchmarks/compare.py
+
+# Salvo's REST API vs its gRPC vs MLServer's REST (h2load); about 8 minutes.
+bench-rest: $(STAMP) deploy-tools
+	benchmarks/setup_mlserver.sh
+	$(BIN)/python benchmarks/rest.py
 
 # Issue 7: 100,000 fuzzed requests (minutes), 5x overload for 30 s, a 10-minute soak.
 bench-fuzz: $(STAMP)

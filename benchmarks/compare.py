@@ -163,7 +163,9 @@ def mlserver(root: Path, repo: Path, model: str, setup: MLServerSetup) -> PeerPr
 
     cmd = [str(MLSERVER_PYTHON), str(MLSERVER_DIR / "launch.py"), str(folder)]
     ready = (f"Loaded model '{model}' successfully", "gRPC server running on")
-    return PeerProcess(cmd, ready, grpc_port=ports["grpc_port"], model=model)
+    process = PeerProcess(cmd, ready, grpc_port=ports["grpc_port"], model=model)
+    process.http_port = ports["http_port"]
+    return process
 
 
 def bare_server(repo: Path) -> PeerProcess:
