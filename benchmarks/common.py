@@ -3,7 +3,9 @@ the machine's description and RESULTS.md sections."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import os
 import platform
 import re
@@ -164,6 +166,30 @@ def publish(title: str, lines: list[str], write: bool) -> None:
     text = "\n".join(lines)
     print(text)
     if write:
+        write_section(title, text)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """--json, --from-json and --no-write, for a benchmark that `measure_and_publish`es."""
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    parser.add_argument("--from-json", type=Path, help="render a saved run, measure nothing")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+
+
+def measure_and_publish(
+    args: argparse.Namespace,
+    title: str,
+    run: Callable[[argparse.Namespace], dict],
+    report: Callable[[dict], str],
+) -> None:
+    """Measure (or read a saved run), keep the raw figures where asked, print the report
+    and make it RESULTS.md's `## title` section unless told not to."""
+    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    text = report(results)
+    print(text)
+    if not args.no_write:
         write_section(title, text)
 
 

@@ -46,12 +46,13 @@ sys.path.insert(0, str(HERE))
 from common import (  # noqa: E402
     ROOT,
     ServerProcess,
+    add_run_options,
     machine,
+    measure_and_publish,
     perf_analyzer,
     raw_throughput,
     set_hold_for_returns,
     today,
-    write_section,
 )
 
 from salvo.domain.config import load_config  # noqa: E402
@@ -355,18 +356,8 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--window-ms", type=int, default=2000, help="perf_analyzer -p")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per level; best is kept")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    parser.add_argument("--from-json", type=Path, help="render a saved run, measure nothing")
-    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    args = parser.parse_args()
-
-    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    text = report(results)
-    print(text)
-    if not args.no_write:
-        write_section(TITLE, text)
+    add_run_options(parser)
+    measure_and_publish(parser.parse_args(), TITLE, run, report)
 
 
 # --- the report ---------------------------------------------------------------------------

@@ -40,7 +40,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import ServerProcess, answered_count, machine, today, write_section  # noqa: E402
+from common import (  # noqa: E402
+    ServerProcess,
+    add_run_options,
+    answered_count,
+    machine,
+    measure_and_publish,
+    today,
+)
 from compare import CANDIDATES, log, measured_commit, mlserver  # noqa: E402
 from stress import cpu_s, infer_payload  # noqa: E402
 
@@ -259,17 +266,8 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=list(CONCURRENCY))
     parser.add_argument("--seconds", type=int, default=5, help="each measurement's length")
     parser.add_argument("--rounds", type=int, default=2, help="rounds per level; best is kept")
-    parser.add_argument("--json", type=Path, help="also write the raw figures here")
-    parser.add_argument("--from-json", type=Path, help="render a saved run, measure nothing")
-    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
-    args = parser.parse_args()
-    results = json.loads(args.from_json.read_text()) if args.from_json else run(args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
-    text = report(results)
-    print(text)
-    if not args.no_write:
-        write_section(TITLE, text)
+    add_run_options(parser)
+    measure_and_publish(parser.parse_args(), TITLE, run, report)
 
 
 if __name__ == "__main__":
