@@ -163,6 +163,11 @@ def x_input(**changes: Any) -> dict[str, Any]:
     return {"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, 2.0], **changes}
 
 
+def binary_x(size: int) -> dict[str, Any]:
+    """Input x as binary tensor data of `size` bytes."""
+    return {"name": "x", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": size}}
+
+
 CONFIG = config_for(("x", "FP32", (2,)))
 
 
@@ -201,44 +206,17 @@ CONFIG = config_for(("x", "FP32", (2,)))
             "binary_data_size 9 runs past the end",
         ),
         (
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": [2],
-                        "parameters": {"binary_data_size": 4},
-                    }
-                ]
-            },
+            {"inputs": [binary_x(4)]},
             (b"\0" * 8,),
             "binary data holds 4 bytes",
         ),
         (
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": [2],
-                        "parameters": {"binary_data_size": -1},
-                    }
-                ]
-            },
+            {"inputs": [binary_x(-1)]},
             (b"\0" * 8,),
             "'binary_data_size' must be a non-negative integer",
         ),
         (
-            {
-                "inputs": [
-                    {
-                        "name": "x",
-                        "datatype": "FP32",
-                        "shape": [2],
-                        "parameters": {"binary_data_size": 8},
-                    }
-                ]
-            },
+            {"inputs": [binary_x(8)]},
             (b"\0" * 12,),
             "4 bytes of binary data follow",
         ),

@@ -39,8 +39,9 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def refuse_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """`handler` with a deserializer that never raises; a unary behaviour refuses an
-    undecodable message here, a stream's behaviour must refuse it itself."""
+    """A unary `handler` with a deserializer that never raises and a behaviour that refuses
+    an undecodable message; any other handler as it is (the inference methods read their
+    own bytes)."""
     if handler.request_deserializer is None:
         return handler
     deserializer = _tolerant(handler.request_deserializer)
@@ -53,6 +54,4 @@ def refuse_undecodable(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             return await unary(request, context)
 
         return handler._replace(request_deserializer=deserializer, unary_unary=unary_unary)
-    if handler.stream_stream is not None:
-        return handler._replace(request_deserializer=deserializer)
     return handler

@@ -73,8 +73,11 @@ def add_inference_service(
     """
     capture = _Capture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
-    handlers = {name: refuse_undecodable(h) for name, h in capture.handlers.items()}
-    for method in ("ModelInfer", "ModelStreamInfer"):
+    raw = ("ModelInfer", "ModelStreamInfer")
+    handlers = {
+        name: refuse_undecodable(h) for name, h in capture.handlers.items() if name not in raw
+    }
+    for method in raw:
         # Bytes in: the servicer reads them through a connection's templates or parses
         # them, and refuses what does not parse itself. Bytes out.
         handlers[method] = capture.handlers[method]._replace(

@@ -57,9 +57,9 @@ class HttpFrontEnd:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.settings = settings
-        self.private = settings.http_private
-        self.host = "127.0.0.1" if self.private else settings.host
-        self.tls = settings.tls_cert_file is not None and not self.private
+        private = settings.http_private
+        self.host = "127.0.0.1" if private else settings.host
+        self.tls = settings.tls_cert_file is not None and not private
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task | None = None
 
