@@ -356,6 +356,38 @@ def test_a_caller_that_disconnects_withdraws_its_queued_request(tmp_path) -> Non
         assert module.ran == {1.0, 3.0}
 
 
+def test_the_timeout_header_bounds_a_call_and_its_queued_request_never_runs(tmp_path) -> None:
+    loader = GatedLoader()
+    with serving(tmp_path, loader, {"g": GATED}) as server:
+        module = loader.modules["g"]
+        module.hold()
+        port = server.server.http_port
+        answers: list[Any] = []
+        first = threading.Thread(
+            target=lambda: answers.append(raw(port, "POST", "/v2/models/g/infer", gated_body(1)))
+        )
+        first.start()
+        module.wait_batches(1)  # row 1 runs, held: the next request waits in the queue
+        status, _, answer = raw(
+            port, "POST", "/v2/models/g/infer", gated_body(2), **{"Salvo-Timeout-Ms": "50"}
+        )
+        assert status == 504 and "Salvo-Timeout-Ms" in answer["error"], answer
+        server.wait_queued("g", 0)  # withdrawn, not run
+        for bad in ("soon", "0", "-5", "nan", "inf"):
+            status, _, answer = raw(
+                port, "POST", "/v2/models/g/infer", gated_body(3), **{"Salvo-Timeout-Ms": bad}
+            )
+            assert status == 400 and "header Salvo-Timeout-Ms" in answer["error"], (bad, answer)
+        module.open()
+        first.join(30)
+        assert answers and answers[0][0] == 200
+        status, _, answer = raw(
+            port, "POST", "/v2/models/g/infer", gated_body(4), **{"Salvo-Timeout-Ms": "30000"}
+        )
+        assert status == 200 and answer["outputs"][0]["data"] == [8.0]
+        assert module.ran == {1.0, 4.0}
+
+
 def test_answers_leave_without_waiting_for_the_clients_ack(mlp_repo) -> None:
     """TCP_NODELAY on every connection: an answer is written in two parts (head, body), and
     with Nagle's algorithm the second waits for the client's delayed ACK, 40 ms a call."""
@@ -388,6 +420,37 @@ def test_the_openapi_document_lists_the_v2_routes(demo_server) -> None:
         "/v2/repository/models/{model}/load",
     ):  # fmt: skip
         assert path in paths, path
-    assert "post" in paths["/v2/models/{model}/infer"]
+    infer = paths["/v2/models/{model}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/InferenceRequest"
+    }
+    answers = infer["responses"]
+    assert answers["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/InferenceResponse"
+    }
+    assert {"400", "404", "413", "429", "503", "504"} <= set(answers)
+    assert "Retry-After" in answers["429"]["headers"]
+    examples = infer["requestBody"]["content"]["application/json"]["examples"]
+    assert set(MODELS) <= set(examples)
+    for model in MODELS:  # each model's example is a request that model answers
+        body = json.dumps(examples[model]["value"]).encode()
+        status, _, answer = raw(demo_server.http_port, "POST", f"/v2/models/{model}/infer", body)
+        assert status == 200 and answer["model_name"] == model, answer
     status, _, page = raw(demo_server.http_port, "GET", "/v2/docs")
     assert status == 200 and b"/v2/docs/openapi.json" in page
+
+
+def test_the_examples_list_only_the_models_a_token_may_use(mlp_repo, tmp_path) -> None:
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"alpha": {"name": "a", "models": ["mlp"]}}))
+    with InProcessServer(mlp_repo, auth_tokens_file=tokens) as server:
+        port = server.server.http_port
+
+        def examples(**headers: str) -> set[str]:
+            status, _, document = raw(port, "GET", "/v2/docs/openapi.json", **headers)
+            assert status == 200
+            content = document["paths"]["/v2/models/{model}/infer"]["post"]["requestBody"]
+            return set(content["content"]["application/json"].get("examples", {}))
+
+        assert examples(authorization="Bearer alpha") == {"mlp"}
+        assert examples() == set() and examples(authorization="Bearer wrong") == set()

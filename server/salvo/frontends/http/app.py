@@ -11,12 +11,17 @@ liveness routes and `/metrics` stay open, as gRPC's health does.
 An inference's body is read up to the message-size limit (413 past it), gzip or deflate
 bodies are inflated up to the same limit, and an answer is compressed when the client
 accepts it. A caller that disconnects while its request is queued withdraws it: it never
-runs.
+runs. `Salvo-Timeout-Ms` bounds an inference end to end (504 past it), as a gRPC deadline
+does.
+
+The OpenAPI document (`/v2/docs/openapi.json`, rendered at `/v2/docs`) describes every
+route's body and answers (`openapi`, `schemas`), with an example request per model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -26,6 +31,7 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -34,15 +40,18 @@ from starlette.routing import Route
 
 from salvo.core.admission import Admission
 from salvo.core.dataplane import DataPlane
+from salvo.domain.config import ModelConfig
 from salvo.domain.status import (
     Cancelled,
+    DeadlineExceeded,
     InvalidRequest,
+    ModelNotFound,
     PermissionDenied,
     SalvoError,
     describe,
 )
 from salvo.domain.types import InferResponse
-from salvo.frontends.http import documents
+from salvo.frontends.http import documents, openapi
 from salvo.frontends.http.codec import HEADER_LENGTH, RestRequest, encode_response, read_header
 from salvo.frontends.http.status import http_status
 from salvo.observability.telemetry import Probe, Telemetry
@@ -91,6 +100,22 @@ def _bearer(request: Request) -> str | None:
         return None
     scheme, _, token = value.partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
+
+
+def _deadline_ns(timeout_ms: str | None) -> int | None:
+    """The `time.monotonic_ns()` instant a request with this timeout header gives up."""
+    if timeout_ms is None:
+        return None
+    try:
+        milliseconds = float(timeout_ms)
+    except ValueError:
+        milliseconds = -1.0
+    if not 0 < milliseconds < 1e12:  # NaN and infinity too
+        raise InvalidRequest(
+            f"header {openapi.TIMEOUT_HEADER}: {timeout_ms!r} is not a positive number of "
+            "milliseconds"
+        )
+    return time.monotonic_ns() + int(milliseconds * 1e6)
 
 
 def _inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -203,12 +228,24 @@ class RestApi:
         self, request: Request, probe: Probe | None, model: str, version: str = ""
     ) -> Response:
         await self._admit(request, "ModelInfer", model)
+        deadline_ns = _deadline_ns(request.headers.get(openapi.TIMEOUT_HEADER))
         body = await self._body(request)
         header, binary_at = read_header(body, request.headers.get(HEADER_LENGTH))
-        rest = RestRequest(model, version, header, body, binary_at, probe=probe)
+        rest = RestRequest(model, version, header, body, binary_at, deadline_ns, probe)
         watch = asyncio.ensure_future(_disconnected(request.receive, asyncio.current_task()))
         try:
-            response: InferResponse = await self.dataplane.infer(rest)
+            if deadline_ns is None:
+                response: InferResponse = await self.dataplane.infer(rest)
+            else:
+                loop = asyncio.get_running_loop()
+                at = loop.time() + (deadline_ns - time.monotonic_ns()) / 1e9
+                async with asyncio.timeout_at(at):
+                    response = await self.dataplane.infer(rest)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"header {openapi.TIMEOUT_HEADER}: no answer within "
+                f"{request.headers[openapi.TIMEOUT_HEADER]} ms"
+            ) from None
         except asyncio.CancelledError:
             if watch.done():  # the client went away: nobody reads an answer
                 raise Cancelled("the client disconnected") from None
@@ -260,8 +297,8 @@ class RestApi:
         app = FastAPI(
             title="Salvo",
             summary="The Open Inference Protocol (KServe v2) over HTTP",
-            openapi_url="/v2/docs/openapi.json",
-            docs_url="/v2/docs",
+            openapi_url=None,  # served below: its examples depend on the caller
+            docs_url=None,
             redoc_url=None,
         )
         if cors_origins:
@@ -291,11 +328,11 @@ class RestApi:
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
         # Health and metrics are neither traced nor measured: probes would drown the rest.
-        @app.get("/v2/health/live", tags=["health"])
+        @app.get("/v2/health/live", tags=["health"], responses={200: openapi.HEALTH[200]})
         async def live() -> Response:
             return Response(b"live\n", media_type="text/plain")
 
-        @app.get("/v2/health/ready", tags=["health"])
+        @app.get("/v2/health/ready", tags=["health"], responses=openapi.HEALTH)
         async def ready() -> Response:
             if dataplane.ready():
                 return Response(b"ready\n", media_type="text/plain")
@@ -315,9 +352,14 @@ class RestApi:
             request: Request, probe: Probe | None, model: str, version: str = ""
         ) -> Response:
             await self._admit(request, "ModelReady", model)
-            if dataplane.model_ready(model, version):
-                return _json({"ready": True})
-            return _json({"ready": False}, 503)
+            if not dataplane.model_ready(model, version):
+                try:
+                    dataplane.model_info(model, version)
+                except ModelNotFound:
+                    raise  # 404: no such model or version, ready or not
+                except SalvoError:
+                    return _json({"ready": False}, 503)
+            return _json({"ready": True})
 
         async def model_config(
             request: Request, probe: Probe | None, model: str, version: str = ""
@@ -340,7 +382,12 @@ class RestApi:
                 options = orjson.loads(body) if body.strip() else {}
             except orjson.JSONDecodeError as exc:
                 raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
-            ready_only = isinstance(options, dict) and options.get("ready") is True
+            if not isinstance(options, dict):
+                raise InvalidRequest("request body must be a JSON object")
+            ready = options.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidRequest("'ready' must be true or false")
+            ready_only = ready
             return _json(documents.index(dataplane.index(ready_only)))
 
         async def change(request: Request, model: str, call: str) -> None:
@@ -360,16 +407,15 @@ class RestApi:
 
         served: list[Route] = []
 
-        def route(path: str, handler: Callable[..., Awaitable[Response]], method: str) -> None:
+        def route(path: str, handler: Callable[..., Awaitable[Response]], method: str,
+                  doc: openapi.Doc) -> None:  # fmt: skip
             """Serve `handler` at `path` through `_serve` (its span and metrics name the
-            path's template).
+            path's template), and describe it in the OpenAPI document as `doc` says.
 
             Two routes: a Starlette `Route` serves it (it hands over the path's parameters
             as they are, where FastAPI's would solve dependencies for every call, a tenth
-            of a REST call's CPU), and a FastAPI route with the same path and parameters
-            describes it in the OpenAPI document (it is never reached: the first routes
-            match first)."""
-            tag = path.split("/")[2] if path.count("/") > 1 else "server"
+            of a REST call's CPU), and a FastAPI route with the same path describes it (it
+            is never reached: the first routes match first)."""
             names = re.findall(r"{(\w+)}", path)
 
             async def serving(request: Request) -> Response:
@@ -377,38 +423,59 @@ class RestApi:
                 return await serve(request, path, handler, *[parameters[n] for n in names])
 
             served.append(Route(path, serving, methods=[method], name=handler.__name__))
-
-            async def versioned(request: Request, model: str, version: str) -> Response:
-                raise AssertionError("documented only: `serving` answers")
-
-            async def per_model(request: Request, model: str) -> Response:
-                raise AssertionError("documented only: `serving` answers")
-
-            async def plain(request: Request) -> Response:
-                raise AssertionError("documented only: `serving` answers")
-
-            documented = (
-                versioned if "{version}" in path else per_model if "{model}" in path else plain
-            )
-            app.add_api_route(path, documented, methods=[method], tags=[tag],
-                              name=handler.__name__)  # fmt: skip
+            tag = path.split("/")[2] if path.count("/") > 1 else "server"
+            app.add_api_route(
+                path, doc.endpoint(names), methods=[method], tags=[tag], name=handler.__name__,
+                summary=doc.summary, responses=doc.responses(), response_model=None,
+            )  # fmt: skip
 
         # Inference first: routes are matched in order, one regular expression each.
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            route(prefix + "/infer", self.infer, "POST")
-        route("/v2", server_metadata, "GET")
+            route(prefix + "/infer", self.infer, "POST", openapi.INFER)
+        route("/v2", server_metadata, "GET", openapi.SERVER_METADATA)
         # Before the routes with a model in the path, which would take "stats" for a name.
-        route("/v2/models/stats", model_stats, "GET")
-        for suffix, handler, method in (
-            ("", model_metadata, "GET"),
-            ("/ready", model_ready, "GET"),
-            ("/config", model_config, "GET"),
-            ("/stats", model_stats, "GET"),
+        route("/v2/models/stats", model_stats, "GET", openapi.STATISTICS)
+        for suffix, handler, doc in (
+            ("", model_metadata, openapi.MODEL_METADATA),
+            ("/ready", model_ready, openapi.MODEL_READY),
+            ("/config", model_config, openapi.MODEL_CONFIG),
+            ("/stats", model_stats, openapi.STATISTICS),
         ):
             for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-                route(prefix + suffix, handler, method)
-        route("/v2/repository/index", repository_index, "POST")
-        route("/v2/repository/models/{model}/load", load, "POST")
-        route("/v2/repository/models/{model}/unload", unload, "POST")
+                route(prefix + suffix, handler, "GET", doc)
+        route("/v2/repository/index", repository_index, "POST", openapi.INDEX)
+        route("/v2/repository/models/{model}/load", load, "POST", openapi.LOAD)
+        route("/v2/repository/models/{model}/unload", unload, "POST", openapi.UNLOAD)
         app.router.routes[:0] = served
+
+        described: dict[str, Any] = {}
+
+        @app.get("/v2/docs/openapi.json", include_in_schema=False)
+        async def openapi_document(request: Request) -> Response:
+            if not described:  # FastAPI's document of every route, made once
+                described.update(app.openapi())
+            return _json(openapi.with_examples(described, self._configs_shown(request)))
+
+        @app.get("/v2/docs", include_in_schema=False)
+        async def docs() -> Response:
+            return get_swagger_ui_html(openapi_url="/v2/docs/openapi.json",
+                                       title="Salvo: the v2 REST API")  # fmt: skip
+
         return app
+
+    def _configs_shown(self, request: Request) -> dict[str, ModelConfig]:
+        """The configs of the models serving that this caller may use (every one where
+        tokens are off; none for a caller without a valid token)."""
+        principal = None
+        if self.admission is not None:
+            try:
+                principal = self.admission.authenticate(_bearer(request))
+            except SalvoError:
+                return {}
+        configs = {}
+        for entry in self.dataplane.index(ready_only=True):
+            if entry.name in configs or (principal and not principal.may_use(entry.name)):
+                continue
+            with contextlib.suppress(SalvoError):  # unloaded since the index was read
+                configs[entry.name] = self.dataplane.model_info(entry.name).config
+        return configs
