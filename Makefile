@@ -10,13 +10,13 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances bench-batch clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[server,dev,bench]'
+	$(BIN)/python -m pip install -q -e '.[server,dev,bench,batch]'
 	touch $@
 
 $(MODEL_REPO)/.built: $(STAMP) server/salvo/demo.py
@@ -108,6 +108,10 @@ bench-freeze: $(STAMP) perf-venv
 
 bench-instances: $(STAMP) perf-venv
 	$(BIN)/python benchmarks/instances.py
+
+# `salvo batch` rows/s against unary online calls on mlp, same server; about 3 minutes.
+bench-batch: $(STAMP)
+	$(BIN)/python benchmarks/batch.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

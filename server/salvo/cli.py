@@ -1,4 +1,4 @@
-"""The `salvo` command line: serve and demo-repo; infer, models, stats and bench (client)."""
+"""The `salvo` command line: serve and demo-repo; infer, models, stats, bench and batch (client)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Coroutine
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -161,14 +162,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("directory", help="where to write it")
     demo.set_defaults(func=_demo_repo)
 
-    # Client-side commands (infer, models, stats, bench) need no torch: they live in the
-    # light client package and work from the base install.
-    from salvo_client import bench
+    # Client-side commands (infer, models, stats, bench, batch) need no torch: they live in
+    # the light client package and work from the base install. `batch` without --url starts
+    # a server here, which only this package can.
+    from salvo_client import batch, bench
     from salvo_client.commands import add_commands
 
     add_commands(sub)
     bench.add_parser(sub)
+    batch.add_parser(sub, local_server=_batch_server)
     return parser
+
+
+def _batch_server(repository: Path) -> AbstractContextManager[str]:
+    """`salvo batch --model-repository DIR`: a server on DIR for the job's length."""
+    from salvo.batchserver import serve_repository
+
+    return serve_repository(repository)
 
 
 def main(argv: list[str] | None = None) -> int:

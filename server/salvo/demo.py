@@ -161,7 +161,15 @@ def _build_digits(model_dir: Path) -> None:
         device="auto",
         instance_count=1,
         dynamic_batching=DynamicBatchingConfig(max_queue_delay_us=500),
-        parameters={"heldout_accuracy": f"{accuracy:.4f}"},
+        parameters={
+            "heldout_accuracy": f"{accuracy:.4f}",
+            # How `salvo batch` turns an image file into `image` (salvo_client.batch.images):
+            # 8x8 grey pixels, 0..255 mapped onto the training data's 0..16, ink bright.
+            "image.layout": "HW",
+            "image.mode": "L",
+            "image.size": "8,8",
+            "image.scale": "0,16",
+        },
     )
     version_dir = _save_version(model_dir, config)
     torch.export.save(exported, version_dir / "model.pt2")
