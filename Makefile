@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances bench-batch clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances bench-batch bench-coldstart clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -112,6 +112,11 @@ bench-instances: $(STAMP) perf-venv
 # `salvo batch` rows/s against unary online calls on mlp, same server; about 3 minutes.
 bench-batch: $(STAMP)
 	$(BIN)/python benchmarks/batch.py
+
+# Spawn to first answer, Salvo against MLServer (mlp, REST); about a minute.
+bench-coldstart: $(STAMP)
+	benchmarks/setup_mlserver.sh
+	$(BIN)/python benchmarks/coldstart.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache
