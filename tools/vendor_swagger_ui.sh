@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${1:-5.35.0}
-DEST=server/salvo/frontends/http/static/swagger-ui
+DEST=server/salvo/frontends/http/swagger-ui
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 (cd "$SCRATCH" && npm pack --silent "swagger-ui-dist@$VERSION" >/dev/null && tar xzf ./*.tgz)

@@ -227,7 +227,7 @@ def test_wheel_from_the_builder_stage_serves_from_a_clean_venv(tmp_path: Path) -
     )  # fmt: skip
     (wheel,) = dist.glob("salvo-*.whl")
     with zipfile.ZipFile(wheel) as built:  # the docs' Swagger UI, served from the package
-        assert "salvo/frontends/http/static/swagger-ui/swagger-ui-bundle.js" in built.namelist()
+        assert "salvo/frontends/http/swagger-ui/swagger-ui-bundle.js" in built.namelist()
 
     # runtime stage, in its order: torch (the build these tests run on, so pip takes it from
     # the local cache or index), the exported requirements, the wheel alone, pip check.

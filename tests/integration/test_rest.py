@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.grpc as tgrpc
@@ -454,3 +455,72 @@ def test_the_examples_list_only_the_models_a_token_may_use(mlp_repo, tmp_path) -
 
         assert examples(authorization="Bearer alpha") == {"mlp"}
         assert examples() == set() and examples(authorization="Bearer wrong") == set()
+
+
+# Every datatype a PyTorch model can take (BYTES cannot feed one), echoed back.
+ECHO_TYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+              "INT64", "FP16", "FP32", "FP64", "BF16")  # fmt: skip
+ECHO = "max_batch_size: 4\ninputs: [{}]\noutputs: [{}]\n".format(
+    ", ".join(f"{{name: in_{t}, datatype: {t}, dims: [3]}}" for t in ECHO_TYPES),
+    ", ".join(f"{{name: out_{t}, datatype: {t}, dims: [3]}}" for t in ECHO_TYPES),
+)
+
+
+class EchoLoader:
+    """Every model answers its inputs as they came, one output per input."""
+
+    def __call__(self, config, version_dir: Path):
+        import torch
+
+        from salvo.engine.backend import LoadedModel
+
+        def echo(*tensors):
+            return tuple(t.clone() for t in tensors)
+
+        return LoadedModel(config, version_dir / "model.pt", echo, torch.device("cpu"))
+
+
+def echo_values(datatype: str) -> np.ndarray:
+    """Two rows of three values of `datatype`, reaching to its range's ends (BF16 as
+    ml_dtypes.bfloat16, as tritonclient takes it)."""
+    if datatype == "BOOL":
+        return np.array([[True, False, True], [False, True, True]])
+    dtype = (
+        ml_dtypes.bfloat16
+        if datatype == "BF16"
+        else np.dtype(datatype.lower().replace("fp", "float"))
+    )
+    if datatype in ("FP16", "FP32", "FP64", "BF16"):
+        finfo = ml_dtypes.finfo(dtype)
+        return np.array([[finfo.min, -1.5, 0.0], [finfo.tiny, 2.25, finfo.max]], dtype)
+    info = np.iinfo(dtype)
+    return np.array([[info.min, 0, info.max], [info.max, 1, info.min]], dtype)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_every_datatype_round_trips_as_over_grpc(tmp_path, binary) -> None:
+    with serving(tmp_path, EchoLoader(), {"echo": ECHO}) as server:  # type: ignore[arg-type]
+        values = {t: echo_values(t) for t in ECHO_TYPES}
+        h = thttp.InferenceServerClient(http_target(server.server.http_port))
+        g = tgrpc.InferenceServerClient(server.grpc_target)
+        try:
+            http_inputs, grpc_inputs = [], []
+            for t, x in values.items():
+                http_input = thttp.InferInput(f"in_{t}", list(x.shape), t)
+                http_input.set_data_from_numpy(x, binary_data=binary or t == "BF16")
+                http_inputs.append(http_input)
+                grpc_input = tgrpc.InferInput(f"in_{t}", list(x.shape), t)
+                grpc_input.set_data_from_numpy(x)
+                grpc_inputs.append(grpc_input)
+            outputs = [thttp.InferRequestedOutput(f"out_{t}", binary_data=binary or t == "BF16")
+                       for t in ECHO_TYPES]  # fmt: skip
+            over_http = h.infer("echo", http_inputs, outputs=outputs)
+            over_grpc = g.infer("echo", grpc_inputs)
+        finally:
+            h.close()
+            g.close()
+        for t, x in values.items():
+            got, reference = over_http.as_numpy(f"out_{t}"), over_grpc.as_numpy(f"out_{t}")
+            assert got is not None and got.shape == x.shape, t
+            np.testing.assert_array_equal(got, x, err_msg=t)
+            np.testing.assert_array_equal(got, reference, err_msg=t)

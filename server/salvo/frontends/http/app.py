@@ -60,7 +60,7 @@ from salvo.observability.telemetry import Probe, Telemetry
 
 log = logging.getLogger(__name__)
 
-_STATIC = Path(__file__).with_name("static")
+_SWAGGER_UI = Path(__file__).with_name("swagger-ui")
 _JSON = "application/json"
 _BINARY = "application/octet-stream"
 _REPOSITORY_CHANGES_OFF = "is disabled on this server (SALVO_REPOSITORY_RPCS)"
@@ -461,16 +461,16 @@ class RestApi:
 
         # Swagger UI from the server itself (tools/vendor_swagger_ui.sh): no CDN, so the
         # docs work where the browser has no internet access.
-        app.mount("/v2/docs/static", StaticFiles(directory=_STATIC), name="static")
+        app.mount("/v2/docs/static", StaticFiles(directory=_SWAGGER_UI), name="static")
 
         @app.get("/v2/docs", include_in_schema=False)
         async def docs() -> Response:
             return get_swagger_ui_html(
                 openapi_url="/v2/docs/openapi.json",
                 title="Salvo: the v2 REST API",
-                swagger_js_url="/v2/docs/static/swagger-ui/swagger-ui-bundle.js",
-                swagger_css_url="/v2/docs/static/swagger-ui/swagger-ui.css",
-                swagger_favicon_url="/v2/docs/static/swagger-ui/favicon-32x32.png",
+                swagger_js_url="/v2/docs/static/swagger-ui-bundle.js",
+                swagger_css_url="/v2/docs/static/swagger-ui.css",
+                swagger_favicon_url="/v2/docs/static/favicon-32x32.png",
             )
 
         return app
