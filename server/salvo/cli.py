@@ -1,4 +1,5 @@
-"""The `salvo` command line: serve and demo-repo; infer, models, stats, bench and batch (client)."""
+"""The `salvo` command line: serve and demo-repo; infer, models, stats, bench, batch and traffic
+(client)."""
 
 from __future__ import annotations
 
@@ -165,11 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Client-side commands (infer, models, stats, bench, batch) need no torch: they live in
     # the light client package and work from the base install. `batch` without --url starts
     # a server here, which only this package can.
-    from salvo_client import batch, bench
+    from salvo_client import batch, bench, traffic
     from salvo_client.commands import add_commands
 
     add_commands(sub)
     bench.add_parser(sub)
+    traffic.add_parser(sub)
     batch.add_parser(sub, local_server=_batch_server)
     return parser
 

@@ -158,7 +158,7 @@ def test_a_request_naming_no_version_goes_where_the_policy_says(server, client):
 
     assert unary(client, "plain", [1, 1, 1])[:2] == ([[2, 2, 2]], "2")  # no policy: latest
     before = {v: stats(client, "plain", v) for v in ("1", "2")}
-    route(TrafficPolicy(default_version=1))
+    route(TrafficPolicy(weights=((1, 1.0),)))
     try:
         assert unary(client, "plain", [1, 2, 3])[:2] == ([[1, 2, 3]], "1")
         assert streamed(client, "plain", [([3, 2, 1], "s")]) == {"s": ([[3, 2, 1]], "1")}
@@ -168,7 +168,7 @@ def test_a_request_naming_no_version_goes_where_the_policy_says(server, client):
         assert delta(after["1"], before["1"])["success"] == 2
         assert delta(after["2"], before["2"])["success"] == 1
         # A policy whose version is not loaded leaves its requests to the latest.
-        route(TrafficPolicy(default_version=7))
+        route(TrafficPolicy(weights=((7, 1.0),)))
         assert unary(client, "plain", [1, 1, 1])[:2] == ([[2, 2, 2]], "2")
     finally:
         route(None)

@@ -16,13 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from salvo.core.cache import ResponseCache, cacheable
-from salvo.core.router import Router
+from salvo.core.router import Router, policy_from
 from salvo.domain.config import ModelConfig
 from salvo.domain.stats import ModelStats
 from salvo.domain.status import Cancelled
@@ -81,7 +81,7 @@ class DataPlane:
         """Serve one request. Raises the core's errors (unknown model, bad input, overload,
         timeout…); a caller that is cancelled while its request is queued withdraws it."""
         start = time.monotonic_ns()
-        mv = self.router.route(request.model, request.version)
+        mv = self.router.route(request.model, request.version, request)
         probe = request.probe
         if probe is not None:
             probe.model, probe.version = mv.name, str(mv.version)
@@ -124,7 +124,7 @@ class DataPlane:
         when its alias finds it, and takes a task otherwise."""
         start = time.monotonic_ns()
         try:
-            mv = self.router.route(request.model, request.version)
+            mv = self.router.route(request.model, request.version, request)
         except Exception as exc:
             done(None, exc)
             return None
@@ -281,6 +281,27 @@ class DataPlane:
         entry = self.models.models[mv.name]
         return ModelInfo(mv.name, mv.version, tuple(sorted(entry.versions)), mv.config,
                          mv.device_type)  # fmt: skip
+
+    def traffic(self, name: str) -> dict[str, object]:
+        """The traffic policy `name`'s requests that name no version follow, where it comes
+        from (admin, config or default) and the versions serving."""
+        entry = self.models.entry(name)
+        policy, source = self.router.policy(name)
+        return {"model": name, "source": source, **policy.describe(),
+                "serving": sorted(entry.versions)}  # fmt: skip
+
+    def set_traffic(self, name: str, document: Mapping[str, object]) -> dict[str, object]:
+        """Replace `name`'s traffic policy with the admin API's `document` (checked against
+        the versions serving); the policy now in force."""
+        entry = self.models.entry(name)
+        self.router.set_policy(name, policy_from(document, sorted(entry.versions)))
+        return self.traffic(name)
+
+    def clear_traffic(self, name: str) -> dict[str, object]:
+        """Drop the policy set through the admin API: the config's applies again."""
+        self.models.entry(name)
+        self.router.set_policy(name, None)
+        return self.traffic(name)
 
     def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
         """Statistics of that model version; of every version serving without a name."""

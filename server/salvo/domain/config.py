@@ -11,6 +11,7 @@ batching), written in Salvo's own compact YAML. Every error names the file and t
     optimization: {precision: fp16, channels_last: true}   # fp32 | fp16 | bf16
     # optimization.cuda_graphs, optimization.compile, optimization.freeze: off unless asked for
     # optimization.execution: auto | thread | loop (where batches run)
+    traffic: {weights: {1: 90, 2: 10}}   # requests naming no version: 90% v1, 10% v2
 """
 
 from __future__ import annotations
@@ -145,6 +146,35 @@ class OptimizationConfig(_Strict):
     threads, on `--torch-threads`."""
 
 
+class TrafficConfig(_Strict):
+    """How requests that name no version are spread over the model's versions (a request
+    that names one gets it).
+
+        traffic: {weights: {1: 90, 2: 10}, sticky_parameter: user}
+
+    `weights`: each version's share, in proportion to the sum of those serving (a version
+    not serving takes none; none serving, or no weights: the latest version).
+    `sticky_parameter`: a request parameter whose value keeps a caller on one version:
+    the same value lands on the same version for as long as the weights stay the same.
+    Requests without it are spread at random by the weights. The admin API
+    (`/v2/models/{model}/traffic`, `salvo traffic`) replaces this while the server runs."""
+
+    weights: dict[int, float] = {}
+    sticky_parameter: str | None = Field(default=None, min_length=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[int, float]) -> dict[int, float]:
+        for version, weight in value.items():
+            if version < 1:
+                raise ValueError(f"versions are positive integers, got {version}")
+            if not 0 <= weight < float("inf"):
+                raise ValueError(f"version {version}: a weight is a finite number >= 0")
+        if value and not any(value.values()):
+            raise ValueError("at least one weight must be above 0")
+        return value
+
+
 class VersionPolicy(_Strict):
     """Which versions serve: the `latest` N (default 1), `all`, or a `specific` list."""
 
@@ -187,6 +217,7 @@ class ModelConfig(_Strict):
     version_policy: VersionPolicy = VersionPolicy()
     response_cache: ResponseCacheConfig = ResponseCacheConfig()
     optimization: OptimizationConfig = OptimizationConfig()
+    traffic: TrafficConfig = TrafficConfig()
     parameters: dict[str, str] = {}
 
     @field_validator("device")

@@ -308,7 +308,7 @@ class RestApi:
             app.add_middleware(
                 CORSMiddleware,
                 allow_origins=list(cors_origins),
-                allow_methods=["GET", "POST"],
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
                 allow_headers=["*"],
                 expose_headers=["Inference-Header-Content-Length"],
             )
@@ -408,6 +408,25 @@ class RestApi:
             await dataplane.unload(model)
             return _json({})
 
+        async def traffic(request: Request, probe: Probe | None, model: str) -> Response:
+            await self._admit(request, "ModelConfig", model)
+            return _json(dataplane.traffic(model))
+
+        async def set_traffic(request: Request, probe: Probe | None, model: str) -> Response:
+            await change(request, model, "TrafficPolicy")
+            body = await self._body(request)
+            try:
+                document = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidRequest(f"request body: not valid JSON: {exc}") from None
+            if not isinstance(document, dict):
+                raise InvalidRequest("request body must be a JSON object")
+            return _json(dataplane.set_traffic(model, document))
+
+        async def clear_traffic(request: Request, probe: Probe | None, model: str) -> Response:
+            await change(request, model, "TrafficPolicy")
+            return _json(dataplane.clear_traffic(model))
+
         served: list[Route] = []
 
         def route(path: str, handler: Callable[..., Awaitable[Response]], method: str,
@@ -446,6 +465,12 @@ class RestApi:
         ):
             for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
                 route(prefix + suffix, handler, "GET", doc)
+        for act, method, doc in (
+            (traffic, "GET", openapi.TRAFFIC),
+            (set_traffic, "PUT", openapi.SET_TRAFFIC),
+            (clear_traffic, "DELETE", openapi.CLEAR_TRAFFIC),
+        ):
+            route("/v2/models/{model}/traffic", act, method, doc)
         route("/v2/repository/index", repository_index, "POST", openapi.INDEX)
         route("/v2/repository/models/{model}/load", load, "POST", openapi.LOAD)
         route("/v2/repository/models/{model}/unload", unload, "POST", openapi.UNLOAD)

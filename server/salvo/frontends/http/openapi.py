@@ -139,6 +139,22 @@ INDEX = Doc(
     body=schemas.IndexRequest,
     body_required=False,
 )
+TRAFFIC = Doc(
+    "How requests that name no version are spread over the model's versions",
+    schemas.Traffic,
+    (*_ADMITTED, 404, 503),
+)
+SET_TRAFFIC = Doc(
+    "Set the traffic policy (repository rights): weights per version, a sticky parameter",
+    schemas.Traffic,
+    (*_ADMITTED, 404, 503),
+    body=schemas.TrafficRequest,
+)
+CLEAR_TRAFFIC = Doc(
+    "Drop the policy set here: the model's config applies again",
+    schemas.Traffic,
+    (*_ADMITTED, 404, 503),
+)
 LOAD = Doc("Load (or reload) a model", schemas.Empty, _PER_MODEL)
 UNLOAD = Doc("Unload a model", schemas.Empty, _PER_MODEL)
 

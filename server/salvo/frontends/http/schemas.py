@@ -11,7 +11,7 @@ server ignores); every field the server reads is typed here as the codec checks 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from typing_extensions import TypeAliasType
@@ -203,3 +203,30 @@ class IndexEntry(BaseModel):
 
 class Empty(BaseModel):
     """An empty object: the change was made."""
+
+
+class TrafficRequest(_Shape):
+    """A traffic policy to set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Version number → weight; each serving version's share is its weight "
+        "over the sum. Empty: the latest version takes everything.",
+    )
+    sticky_parameter: str | None = Field(
+        None,
+        min_length=1,
+        description="A request parameter whose value keeps a caller on one version.",
+    )
+
+
+class Traffic(BaseModel):
+    """The traffic policy in force and where it comes from."""
+
+    model: str
+    source: Literal["admin", "config", "default"]
+    weights: dict[str, float]
+    sticky_parameter: str | None
+    serving: list[int]
