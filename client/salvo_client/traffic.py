@@ -4,6 +4,7 @@ its versions, through the server's REST admin API (`/v2/models/{model}/traffic`)
     salvo traffic mlp                                   # the policy in force
     salvo traffic mlp --weights 1=90,2=10               # 90% to version 1, 10% to 2
     salvo traffic mlp --weights 1=1,2=1 --sticky-parameter user
+    salvo traffic mlp --weights 1=1 --shadow 2:0.1      # 10% also run on 2, compared
     salvo traffic mlp --clear                           # back to the model's config
 
 Changing it needs a token with repository rights where tokens are on (SALVO_AUTH_TOKEN;
@@ -21,7 +22,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["DEFAULT_HTTP_URL", "add_parser", "parse_weights"]
+__all__ = ["DEFAULT_HTTP_URL", "add_parser", "parse_shadow", "parse_weights"]
 
 DEFAULT_HTTP_URL = "http://127.0.0.1:8002"
 
@@ -38,6 +39,15 @@ def parse_weights(text: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"--weights: {part!r}: the weight is not a number") from None
     return weights
+
+
+def parse_shadow(text: str) -> dict[str, Any]:
+    """`3:0.1` (or `3`, every request) as {"version": 3, "share": 0.1}."""
+    version, _, share = text.partition(":")
+    try:
+        return {"version": int(version), "share": float(share) if share else 1.0}
+    except ValueError:
+        raise ValueError(f"--shadow: {text!r} is not VERSION[:SHARE]") from None
 
 
 def _call(url: str, method: str, body: dict[str, Any] | None, timeout_s: float) -> Any:
@@ -67,10 +77,12 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.clear:
             answer = _call(url, "DELETE", None, args.timeout_s)
-        elif args.weights is not None or args.sticky_parameter is not None:
+        elif any(x is not None for x in (args.weights, args.sticky_parameter, args.shadow)):
             body: dict[str, Any] = {"weights": parse_weights(args.weights or "")}
             if args.sticky_parameter:
                 body["sticky_parameter"] = args.sticky_parameter
+            if args.shadow:
+                body["shadow"] = parse_shadow(args.shadow)
             answer = _call(url, "PUT", body, args.timeout_s)
         else:
             answer = _call(url, "GET", None, args.timeout_s)
@@ -93,9 +105,12 @@ def add_parser(sub: Any) -> None:
     parser.add_argument(
         "--url", default=DEFAULT_HTTP_URL, help=f"the HTTP port (default {DEFAULT_HTTP_URL})"
     )
-    change = parser.add_mutually_exclusive_group()
+    change = parser.add_mutually_exclusive_group()  # a policy set replaces the whole policy
     change.add_argument("--weights", help="VERSION=WEIGHT,...: each version's share")
     change.add_argument("--clear", action="store_true", help="drop the policy set here")
     parser.add_argument("--sticky-parameter", help="the request parameter that keeps a caller")
+    parser.add_argument(
+        "--shadow", help="VERSION[:SHARE]: also run that share of requests on VERSION, compared"
+    )
     parser.add_argument("--timeout-s", type=float, default=10.0)
     parser.set_defaults(func=_run)

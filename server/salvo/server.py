@@ -58,6 +58,8 @@ class SalvoServer:
                 telemetry.add_source(self.cache.observe)
         self.router = Router(self.models)
         self.dataplane = DataPlane(self.models, self.router, self.cache, self.refresh_health)
+        if telemetry is not None:
+            telemetry.add_source(self.dataplane.shadows.observe)
         self.grpc_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()

@@ -23,6 +23,7 @@ import numpy as np
 
 from salvo.core.cache import ResponseCache, cacheable
 from salvo.core.router import Router, policy_from
+from salvo.core.shadow import Shadowing
 from salvo.domain.config import ModelConfig
 from salvo.domain.stats import ModelStats
 from salvo.domain.status import Cancelled
@@ -74,6 +75,7 @@ class DataPlane:
         """Awaited after every load or unload (the server re-derives health)."""
         self.accepting = False
         """Set once start-up has loaded the models; cleared when the server drains."""
+        self.shadows = Shadowing()
 
     # -- inference ---------------------------------------------------------------------
 
@@ -109,6 +111,8 @@ class DataPlane:
                 response = InferResponse(
                     mv.config, mv.version, request.id, prepared.outputs, arrays
                 )
+                if not request.version:
+                    self._shadow(mv, prepared, arrays)
             ok = True
             return response
         finally:
@@ -161,11 +165,14 @@ class DataPlane:
             if waiter.cancelled():
                 error = Cancelled("the caller went away")
             elif (error := waiter.exception()) is None:
+                arrays = waiter.result()
                 response = InferResponse(
-                    mv.config, mv.version, request.id, prepared.outputs, waiter.result()
+                    mv.config, mv.version, request.id, prepared.outputs, arrays
                 )
             mv.stats.record_request(error is None, time.monotonic_ns() - start)
             done(response, error)
+            if response is not None and not request.version:
+                self._shadow(mv, prepared, arrays)
 
         entry.waiter.add_done_callback(answered)
         return lambda: scheduler.abandon(entry)
@@ -227,7 +234,15 @@ class DataPlane:
                 stats.record_cache_hit(looked, time.monotonic_ns() - start)
         if probe is not None:
             probe.cache = outcome
+        if not request.version:
+            self._shadow(mv, prepared, cached.arrays)
         return InferResponse(mv.config, mv.version, request.id, prepared.outputs, cached.arrays)
+
+    def _shadow(self, mv: ModelVersion, prepared: Prepared, arrays: Sequence[np.ndarray]) -> None:
+        """Copy an answered request to the candidate version its policy shadows, if any."""
+        candidate = self.router.shadow(mv)
+        if candidate is not None:
+            self.shadows.run(candidate, prepared, mv.version, arrays)
 
     @staticmethod
     def _computed(mv: ModelVersion, request: Prepared) -> asyncio.Future[Sequence[np.ndarray]]:
@@ -287,8 +302,13 @@ class DataPlane:
         from (admin, config or default) and the versions serving."""
         entry = self.models.entry(name)
         policy, source = self.router.policy(name)
+        compared = [
+            {"version": primary, "shadow_version": candidate, **tally.describe()}
+            for (model, primary, candidate), tally in sorted(self.shadows.tallies.items())
+            if model == name
+        ]
         return {"model": name, "source": source, **policy.describe(),
-                "serving": sorted(entry.versions)}  # fmt: skip
+                "serving": sorted(entry.versions), "shadow_comparisons": compared}  # fmt: skip
 
     def set_traffic(self, name: str, document: Mapping[str, object]) -> dict[str, object]:
         """Replace `name`'s traffic policy with the admin API's `document` (checked against

@@ -5,7 +5,8 @@ A request that names a version gets that version. One that names none gets the v
 its model's `TrafficPolicy` chooses: the policy an operator set (the admin API), else the
 one the model's config declares (`traffic:`), else the latest version loaded. A policy
 spreads requests over versions by weight, at random, or by a sticky key (a request
-parameter) that keeps one caller on one version. Versions a policy names that do not
+parameter) that keeps one caller on one version, and may copy a share of them to a
+candidate version as shadow traffic (`shadow.py`). Versions a policy names that do not
 serve (not loaded yet, or unloaded) take no traffic. Policies are data that a controller
 (a rollout, an operator) replaces while requests flow; the front ends and the batcher
 never see them.
@@ -38,15 +39,25 @@ class TrafficPolicy:
     """(version, weight) in ascending version order; empty: the latest version."""
     sticky_parameter: str | None = None
     """The request parameter whose value keeps a caller on one version."""
+    shadow: tuple[int, float] | None = None
+    """(version, share): that share of the requests naming no version also run on that
+    version (`salvo.core.shadow`)."""
 
     @classmethod
     def of(cls, config: TrafficConfig) -> TrafficPolicy:
-        return cls(tuple(sorted(config.weights.items())), config.sticky_parameter)
+        shadow = config.shadow
+        return cls(
+            tuple(sorted(config.weights.items())),
+            config.sticky_parameter,
+            None if shadow is None else (shadow.version, shadow.share),
+        )
 
     def describe(self) -> dict[str, object]:
+        shadow = self.shadow
         return {
             "weights": {str(v): w for v, w in self.weights},
             "sticky_parameter": self.sticky_parameter,
+            "shadow": None if shadow is None else {"version": shadow[0], "share": shadow[1]},
         }
 
 
@@ -95,8 +106,9 @@ class Router:
         if model in self._policies:
             return self._policies[model], "admin"
         entry = self._entries.get(model)
-        if entry is not None and entry.config is not None and entry.config.traffic.weights:
-            return self._configured_policy(entry.config, model), "config"
+        config = None if entry is None else entry.config
+        if config is not None and (config.traffic.weights or config.traffic.shadow):
+            return self._configured_policy(config, model), "config"
         return DEFAULT, "default"
 
     def set_policy(self, model: str, policy: TrafficPolicy | None) -> None:
@@ -143,6 +155,21 @@ class Router:
             key = None if value is None else str(value)
         return choose(policy, entry, key)
 
+    def shadow(self, answered: ModelVersion) -> ModelVersion | None:
+        """The version a request that named no version, answered by `answered`, should
+        also run on as a shadow copy, if its model's policy draws one for it."""
+        policy = self._policies.get(answered.name)
+        if policy is None:
+            config = answered.config
+            if config.traffic.shadow is None:
+                return None
+            policy = self._configured_policy(config, answered.name)
+        shadow = policy.shadow
+        if shadow is None or shadow[0] == answered.version or random.random() >= shadow[1]:
+            return None
+        entry = self._entries.get(answered.name)
+        return None if entry is None else entry.versions.get(shadow[0])
+
 
 def policy_from(document: Mapping[str, object], serving: list[int]) -> TrafficPolicy:
     """A policy from the admin API's JSON (`weights`: version → weight, as strings or
@@ -173,8 +200,28 @@ def policy_from(document: Mapping[str, object], serving: list[int]) -> TrafficPo
     sticky = document.get("sticky_parameter")
     if sticky is not None and (not isinstance(sticky, str) or not sticky):
         raise InvalidRequest("'sticky_parameter' must be a non-empty string or null")
-    unknown = set(document) - {"weights", "sticky_parameter"}
+    unknown = set(document) - {"weights", "sticky_parameter", "shadow"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) {sorted(unknown)}: expected weights, "
-                             "sticky_parameter")  # fmt: skip
-    return TrafficPolicy(tuple(sorted(parsed.items())), sticky)
+                             "sticky_parameter, shadow")  # fmt: skip
+    return TrafficPolicy(
+        tuple(sorted(parsed.items())), sticky, _shadow_from(document.get("shadow"), serving)
+    )
+
+
+def _shadow_from(shadow: object, serving: list[int]) -> tuple[int, float] | None:
+    if shadow is None:
+        return None
+    if not isinstance(shadow, dict):
+        raise InvalidRequest("'shadow' must be an object {version, share} or null")
+    unknown = set(shadow) - {"version", "share"}
+    if unknown:
+        raise InvalidRequest(f"'shadow': unknown field(s) {sorted(unknown)}")
+    version, share = shadow.get("version"), shadow.get("share", 1.0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise InvalidRequest("'shadow': 'version' must be a version number")
+    if version not in serving:
+        raise InvalidRequest(f"'shadow': version {version} does not serve (serving {serving})")
+    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+        raise InvalidRequest("'shadow': 'share' must be a number from 0 to 1")
+    return version, float(share)

@@ -146,21 +146,33 @@ class OptimizationConfig(_Strict):
     threads, on `--torch-threads`."""
 
 
+class ShadowConfig(_Strict):
+    """A candidate version that a share of the requests also runs on, compared with the
+    version that answered them and never returned (`salvo.core.shadow`)."""
+
+    version: int = Field(ge=1)
+    share: float = Field(default=1.0, ge=0, le=1)
+
+
 class TrafficConfig(_Strict):
     """How requests that name no version are spread over the model's versions (a request
     that names one gets it).
 
-        traffic: {weights: {1: 90, 2: 10}, sticky_parameter: user}
+        traffic: {weights: {1: 90, 2: 10}, sticky_parameter: user,
+                  shadow: {version: 3, share: 0.1}}
 
     `weights`: each version's share, in proportion to the sum of those serving (a version
     not serving takes none; none serving, or no weights: the latest version).
     `sticky_parameter`: a request parameter whose value keeps a caller on one version:
     the same value lands on the same version for as long as the weights stay the same.
-    Requests without it are spread at random by the weights. The admin API
+    Requests without it are spread at random by the weights. `shadow`: a `share` of the
+    requests that name no version also run on `version`, compared and never returned.
+    The admin API
     (`/v2/models/{model}/traffic`, `salvo traffic`) replaces this while the server runs."""
 
     weights: dict[int, float] = {}
     sticky_parameter: str | None = Field(default=None, min_length=1)
+    shadow: ShadowConfig | None = None
 
     @field_validator("weights")
     @classmethod

@@ -226,6 +226,19 @@ class Telemetry:
             ("salvo.cache.evictions", "cache_evictions"),
         ):
             meter.create_observable_counter(name, [self._observe(what)], unit="{request}")
+        for name, what, text in (
+            ("salvo.shadow.compared", "shadow_compared", "Shadow copies compared"),
+            ("salvo.shadow.agreed", "shadow_agreed", "Shadow copies that agreed"),
+            ("salvo.shadow.failed", "shadow_failed", "Shadow copies dropped or failed"),
+        ):
+            meter.create_observable_counter(
+                name, [self._observe(what)], unit="{request}", description=text
+            )
+        meter.create_observable_counter(
+            "salvo.shadow.difference",
+            [self._observe("shadow_difference")],
+            description="Sum of the compared copies' mean absolute differences",
+        )
         meter.create_observable_gauge(
             "salvo.cache.bytes", [self._observe("cache_bytes")], unit="By"
         )

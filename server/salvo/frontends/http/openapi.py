@@ -145,7 +145,7 @@ TRAFFIC = Doc(
     (*_ADMITTED, 404, 503),
 )
 SET_TRAFFIC = Doc(
-    "Set the traffic policy (repository rights): weights per version, a sticky parameter",
+    "Set the traffic policy (repository rights): weights, a sticky parameter, a shadow",
     schemas.Traffic,
     (*_ADMITTED, 404, 503),
     body=schemas.TrafficRequest,

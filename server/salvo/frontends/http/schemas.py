@@ -205,6 +205,22 @@ class Empty(BaseModel):
     """An empty object: the change was made."""
 
 
+class Shadow(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: StrictInt = Field(ge=1)
+    share: float = Field(1.0, ge=0, le=1)
+
+
+class ShadowComparison(BaseModel):
+    version: int = Field(description="The version that answered.")
+    shadow_version: int
+    compared: int
+    agreement: float | None
+    mean_abs_difference: float | None
+    failed: int = Field(description="Copies dropped (a full queue) or failed.")
+
+
 class TrafficRequest(_Shape):
     """A traffic policy to set."""
 
@@ -220,6 +236,9 @@ class TrafficRequest(_Shape):
         min_length=1,
         description="A request parameter whose value keeps a caller on one version.",
     )
+    shadow: Shadow | None = Field(
+        None, description="A candidate version that a share of the requests also runs on."
+    )
 
 
 class Traffic(BaseModel):
@@ -229,4 +248,6 @@ class Traffic(BaseModel):
     source: Literal["admin", "config", "default"]
     weights: dict[str, float]
     sticky_parameter: str | None
+    shadow: Shadow | None
     serving: list[int]
+    shadow_comparisons: list[ShadowComparison]
