@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 HTTP_PORT ?= 8002
 STAMP := $(VENV)/.installed
 
-.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances bench-batch bench-coldstart clean
+.PHONY: deploy-tools serve test lint typecheck unit protos demo-repo perf-venv bench-batching bench-cache bench-inprocess bench-telemetry bench-pipelined bench-hold bench-compare bench-rest bench-workers bench-fuzz bench-overload bench-soak bench-cpu bench-freeze bench-instances bench-batch bench-coldstart bench-evaluation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -117,6 +117,10 @@ bench-batch: $(STAMP)
 bench-coldstart: $(STAMP)
 	benchmarks/setup_mlserver.sh
 	$(BIN)/python benchmarks/coldstart.py
+
+# Traffic policies on the hot path: none, a 50/50 split, 10% shadowed (mlp); about 3 minutes.
+bench-evaluation: $(STAMP) deploy-tools
+	$(BIN)/python benchmarks/evaluation.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -92,12 +92,13 @@ def batch_counts(target: str, model: str) -> tuple[int, int]:
 
 
 def answered_count(target: str, model: str) -> int:
-    """Requests a model answered with success (cache hits included), from ModelStatistics."""
+    """Requests a model answered with success (cache hits included), from ModelStatistics,
+    over all its versions."""
     import tritonclient.grpc as tc
 
     with tc.InferenceServerClient(target) as client:
-        s = client.get_inference_statistics(model).model_stats[0]
-    return s.inference_stats.success.count
+        stats = client.get_inference_statistics(model).model_stats
+    return sum(s.inference_stats.success.count for s in stats)
 
 
 # perf_analyzer's stability threshold (-s, percent), loosened on each retry: on a busy

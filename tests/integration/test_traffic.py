@@ -360,3 +360,13 @@ def test_the_comparisons_are_metrics_labelled_by_both_versions(rest, server) -> 
     labels = 'model="shadowed",shadow_version="2",version="1"'
     assert f"salvo_shadow_compared_total{{{labels}}} {compared}.0" in text, text[-3000:]
     assert f"salvo_shadow_agreed_total{{{labels}}} 0.0" in text
+
+
+def test_statistics_without_a_version_cover_every_version_as_triton_does(rest, server) -> None:
+    status, answer = rest.call("GET", "/v2/models/split/stats")
+    assert status == 200 and [s["version"] for s in answer["model_stats"]] == ["1", "2"]
+    status, answer = rest.call("GET", "/v2/models/split/versions/2/stats")
+    assert status == 200 and [s["version"] for s in answer["model_stats"]] == ["2"]
+    with tgrpc.InferenceServerClient(server.grpc_target) as client:
+        stats = client.get_inference_statistics("split").model_stats
+    assert [s.version for s in stats] == ["1", "2"]

@@ -324,9 +324,13 @@ class DataPlane:
         return self.traffic(name)
 
     def statistics(self, name: str = "", version: str = "") -> list[ModelStats]:
-        """Statistics of that model version; of every version serving without a name."""
+        """Statistics of that model version; of each of its versions serving without a
+        version (as Triton answers); of every version serving without a name."""
         if name:
-            return [self.router.route(name, version).stats]
+            if version:
+                return [self.router.route(name, version).stats]
+            entry = self.models.entry(name)
+            return [entry.versions[v].stats for v in sorted(entry.versions)]
         return [
             entry.versions[v].stats
             for entry in self.models.models.values()
