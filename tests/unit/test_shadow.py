@@ -39,3 +39,58 @@ def test_a_tally_reports_rates_once_it_has_comparisons() -> None:
     assert tally.describe() == {
         "compared": 4, "agreement": 0.75, "mean_abs_difference": 0.5, "failed": 1,
     }  # fmt: skip
+
+
+class FakeScheduler:
+    """Records what is submitted, answering x * 2 at once."""
+
+    def __init__(self) -> None:
+        self.waiters: list = []
+
+    def submit(self, prepared):
+        import asyncio
+        from types import SimpleNamespace
+
+        waiter = asyncio.get_running_loop().create_future()
+        waiter.set_result([prepared.inputs[0] * 2])
+        self.waiters.append(waiter)
+        return SimpleNamespace(waiter=waiter)
+
+
+class FakeCandidate:
+    """A candidate version as the shadowing sees it (hashable, as ModelVersion is)."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        from types import SimpleNamespace
+
+        self.name, self.version = "m", 2
+        self.scheduler = FakeScheduler()
+        self.stats = SimpleNamespace(record_request=lambda ok, ns: None)
+        self.config = SimpleNamespace(max_batch_size=max_batch_size)
+
+
+def prepared(value: float):
+    from salvo.domain.types import Prepared
+
+    return Prepared("m", 1, "", (np.array([[value]], np.float32),), (0,), 1)
+
+
+async def test_copies_wait_to_share_a_batch_then_go_together() -> None:
+    import asyncio
+
+    from salvo.core.shadow import Shadowing
+
+    shadows = Shadowing(flush_s=0.01)
+    candidate = FakeCandidate(max_batch_size=8)
+    for value in (1.0, 2.0, 3.0):
+        shadows.run(candidate, prepared(value), 1, [np.array([[value]], np.float32)])  # type: ignore[arg-type]
+    assert candidate.scheduler.waiters == []  # waiting for company
+    await asyncio.wait_for(shadows.settled(), 5)
+    assert len(candidate.scheduler.waiters) == 3
+    assert shadows.tallies[("m", 1, 2)].describe()["compared"] == 3
+    # A full batch's worth goes at once, without waiting.
+    for value in range(8):
+        shadows.run(candidate, prepared(value), 1, [np.array([[2.0 * value]], np.float32)])  # type: ignore[arg-type]
+    assert len(candidate.scheduler.waiters) == 11
+    await asyncio.wait_for(shadows.settled(), 5)
+    assert shadows.tallies[("m", 1, 2)].agreed == 8

@@ -1,10 +1,11 @@
 """Shadow traffic: a share of the requests a model's primary version answered run again on
 a candidate version, whose outputs are compared with the primary's and never returned.
 
-A shadow copy is queued only after the primary's answer is ready, so it never delays its
-caller; it runs as an ordinary request of the candidate version (counted in that
-version's statistics) and, if the candidate's queue is full or it fails, it is counted as
-failed and dropped. Comparisons are tallied per (model, primary version, candidate
+A shadow copy is taken only after the primary's answer is ready, so it never delays its
+caller. Copies wait up to `FLUSH_S` for others and go to the candidate's queue together,
+so that they share its batches; each runs as an ordinary request of the candidate version
+(counted in that version's statistics) and, if the candidate's queue is full or it fails,
+it is counted as failed and dropped. Comparisons are tallied per (model, primary version, candidate
 version): how many were compared, how many agreed, the mean absolute difference.
 
 Two answers agree when every output agrees: for an output whose last dimension holds
@@ -69,11 +70,23 @@ def compare(primary: Sequence[np.ndarray], shadow: Sequence[np.ndarray]) -> tupl
     return agreed, total / count if count else 0.0
 
 
-class Shadowing:
-    """Runs shadow copies and keeps their tallies."""
+FLUSH_S = 0.02
+"""How long a shadow copy waits for others to share its candidate's batch: nobody waits
+on a copy, and copies sent one by one would each run as a batch of one."""
+FLUSH_ROWS = 32
+"""Copies go at once when this many rows (or the candidate's largest batch) wait."""
 
-    def __init__(self) -> None:
+
+class Shadowing:
+    """Runs shadow copies, gathered into batches on each candidate, and keeps their
+    tallies."""
+
+    def __init__(self, flush_s: float = FLUSH_S) -> None:
+        self.flush_s = flush_s
         self.tallies: dict[tuple[str, int, int], ShadowTally] = {}
+        self._pending: dict[ModelVersion, list[tuple[Prepared, int, Sequence[np.ndarray]]]] = {}
+        self._rows: dict[ModelVersion, int] = {}
+        self._timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -89,8 +102,35 @@ class Shadowing:
         self, candidate: ModelVersion, prepared: Prepared, primary: int,
         answer: Sequence[np.ndarray],
     ) -> None:  # fmt: skip
-        """Queue `prepared` (answered by version `primary` with `answer`) on `candidate`,
-        and compare the two when the candidate answers."""
+        """Copy `prepared` (answered by version `primary` with `answer`) to `candidate`:
+        queued there with the other copies within `flush_s`, and compared with `answer`
+        when the candidate answers."""
+        self._in_flight += 1
+        self._idle.clear()
+        self._pending.setdefault(candidate, []).append((prepared, primary, answer))
+        rows = self._rows[candidate] = self._rows.get(candidate, 0) + prepared.rows
+        limit = candidate.config.max_batch_size or 1
+        if rows >= min(limit, FLUSH_ROWS):
+            self._flush(candidate)
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.flush_s, self._flush_all)
+
+    def _flush_all(self) -> None:
+        self._timer = None
+        for candidate in list(self._pending):
+            self._flush(candidate)
+
+    def _flush(self, candidate: ModelVersion) -> None:
+        """Queue every copy waiting for `candidate` at once, so that they share batches."""
+        copies = self._pending.pop(candidate, [])
+        self._rows.pop(candidate, None)
+        for prepared, primary, answer in copies:
+            self._submit(candidate, prepared, primary, answer)
+
+    def _submit(
+        self, candidate: ModelVersion, prepared: Prepared, primary: int,
+        answer: Sequence[np.ndarray],
+    ) -> None:  # fmt: skip
         tally = self.tally(candidate.name, primary, candidate.version)
         start = time.monotonic_ns()
         try:
@@ -98,9 +138,8 @@ class Shadowing:
         except Exception as exc:  # a full queue, an unloading version: the copy is dropped
             tally.failed += 1
             log.debug("shadow copy on %s v%d dropped: %s", candidate.name, candidate.version, exc)
+            self._done()
             return
-        self._in_flight += 1
-        self._idle.clear()
 
         def answered(waiter: asyncio.Future) -> None:
             ok = not waiter.cancelled() and waiter.exception() is None
@@ -112,11 +151,14 @@ class Shadowing:
                 tally.difference += difference
             else:
                 tally.failed += 1
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._done()
 
         entry.waiter.add_done_callback(answered)
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
 
     async def settled(self) -> None:
         """Return once no shadow copy is queued or running (drains and tests)."""
