@@ -61,13 +61,16 @@ SECONDS_BUCKETS = (
     2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
 # Monotonic clocks time the work; spans need wall-clock nanoseconds.
-_EPOCH_OFFSET_NS = time.time_ns() - time.monotonic_ns()
-
-
 def wall_ns(monotonic_ns: int) -> int:
-    """A monotonic_ns() reading as Unix-epoch nanoseconds, for span timestamps."""
-    return monotonic_ns + _EPOCH_OFFSET_NS
+    """A monotonic_ns() reading as Unix-epoch nanoseconds, for span timestamps.
+
+    The offset between the clocks is read now, not once at start: the wall clock can be
+    stepped (NTP) while a server runs, and spans OTel stamps with the wall clock (a
+    request's own) must still enclose the children written from monotonic readings."""
+    return monotonic_ns + time.time_ns() - time.monotonic_ns()
 
 
 @dataclass(slots=True)
