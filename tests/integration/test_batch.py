@@ -63,7 +63,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = WAIT
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # sleep-ok: another process writes the file; nothing to wait on
 
 
 def mlp_rows(count: int, seed: int = 0) -> np.ndarray:

@@ -7,11 +7,13 @@ queued request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import shutil
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -327,7 +329,10 @@ def gated_body(row: float) -> bytes:
     ).encode()
 
 
-def test_a_caller_that_disconnects_withdraws_its_queued_request(tmp_path) -> None:
+@contextlib.contextmanager
+def first_call_held(tmp_path: Path) -> Iterator[tuple[Any, Any, int, list[Any], threading.Thread]]:
+    """The gated model `g` served, its first call (row 1) running and held, so that the
+    next call waits in the queue: (server, module, HTTP port, answers, the first's thread)."""
     loader = GatedLoader()
     with serving(tmp_path, loader, {"g": GATED}) as server:
         module = loader.modules["g"]
@@ -338,7 +343,12 @@ def test_a_caller_that_disconnects_withdraws_its_queued_request(tmp_path) -> Non
             target=lambda: answers.append(raw(port, "POST", "/v2/models/g/infer", gated_body(1)))
         )
         first.start()
-        module.wait_batches(1)  # row 1 runs, held: the next request waits in the queue
+        module.wait_batches(1)
+        yield server, module, port, answers, first
+
+
+def test_a_caller_that_disconnects_withdraws_its_queued_request(tmp_path) -> None:
+    with first_call_held(tmp_path) as (server, module, port, answers, first):
         body = gated_body(2)
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(
@@ -358,17 +368,7 @@ def test_a_caller_that_disconnects_withdraws_its_queued_request(tmp_path) -> Non
 
 
 def test_the_timeout_header_bounds_a_call_and_its_queued_request_never_runs(tmp_path) -> None:
-    loader = GatedLoader()
-    with serving(tmp_path, loader, {"g": GATED}) as server:
-        module = loader.modules["g"]
-        module.hold()
-        port = server.server.http_port
-        answers: list[Any] = []
-        first = threading.Thread(
-            target=lambda: answers.append(raw(port, "POST", "/v2/models/g/infer", gated_body(1)))
-        )
-        first.start()
-        module.wait_batches(1)  # row 1 runs, held: the next request waits in the queue
+    with first_call_held(tmp_path) as (server, module, port, answers, first):
         status, _, answer = raw(
             port, "POST", "/v2/models/g/infer", gated_body(2), **{"Salvo-Timeout-Ms": "50"}
         )
