@@ -80,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         key: value
         for key, value in {
             "model_repository": args.model_repository,
+            "repository_poll_s": args.repository_poll_s,
             "grpc_port": args.grpc_port,
             "http_port": args.http_port,
             "host": args.host,
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Flags override the SALVO_* environment variables of the same name.",
     )
     serve.add_argument("--model-repository", type=Path, help="model repository directory")
+    serve.add_argument(
+        "--repository-poll-s",
+        type=float,
+        help="load new and changed models (and versions) this often; 0: never (default)",
+    )
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default 8001; 0 picks one)")
     serve.add_argument("--http-port", type=int, help="HTTP port (default 8002; 0 picks one)")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")

@@ -63,6 +63,7 @@ class SalvoServer:
         self.grpc_port = 0
         self.http_port = 0
         self._stopped = asyncio.Event()
+        self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Bind, log the ports, load the models, turn health SERVING."""
@@ -88,10 +89,22 @@ class SalvoServer:
         gc.freeze()
         self.dataplane.accepting = True
         await self.refresh_health()
+        if s.repository_poll_s > 0:
+            self._poller = asyncio.create_task(self._poll_repository(s.repository_poll_s))
         log.info(
             "ready: %s",
             ", ".join(f"{n}={e.state.value}" for n, e in sorted(self.models.models.items())),
         )
+
+    async def _poll_repository(self, every_s: float) -> None:
+        """`--repository-poll-s`: keep the models in line with the repository's files."""
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                if await self.models.poll():
+                    await self.refresh_health()
+            except Exception:  # a poll must never end the polling
+                log.exception("repository poll failed")
 
     @property
     def servicer(self):  # noqa: ANN201 (the gRPC servicer, for tests)
@@ -121,6 +134,8 @@ class SalvoServer:
         s = self.settings
         await self.grpc.enter_graceful_shutdown()
         self.dataplane.accepting = False  # ServerReady and HTTP /v2/health/ready say so too
+        if self._poller is not None:
+            self._poller.cancel()
         log.info("draining: health NOT_SERVING; serving new calls %.1f s more", s.shutdown_grace_s)
         await lifecycle.grace(s.shutdown_grace_s, hurry)
         calls = self.grpc.close("the server is shutting down")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from salvo.domain.config import ModelConfig, load_config, valid_model_name
+from salvo.domain.config import ModelConfig, find_config_file, load_config, valid_model_name
 from salvo.domain.stats import ModelStats
 from salvo.domain.status import ConfigError, InvalidRequest, ModelNotFound, ModelUnavailable
 from salvo.engine.backend import LoadedModel
@@ -107,6 +107,8 @@ class ModelManager:
         self.models: dict[str, ModelEntry] = {}
         """Every model known, by name (the one dict for the life of the manager)."""
         self._locks: dict[str, asyncio.Lock] = {}
+        self._loaded_from: dict[str, tuple[object, ...]] = {}
+        """Each model's repository signature when it was last loaded (`poll`)."""
 
     def discover(self) -> list[str]:
         """Model names in the repository: directories with a valid name."""
@@ -115,6 +117,49 @@ class ModelManager:
         return sorted(
             p.name for p in self.root.iterdir() if p.is_dir() and valid_model_name(p.name)
         )
+
+    def _signature(self, name: str) -> tuple[object, ...]:
+        """What a reload would read differently: the config file and each version
+        directory's files (names, sizes, modification times)."""
+        model_dir = self.root / name
+        try:
+            versions = list_versions(model_dir)
+            files = [] if (path := find_config_file(model_dir)) is None else [path]
+            for version in versions:
+                files.extend(p for p in (model_dir / str(version)).iterdir() if p.is_file())
+            return (tuple(versions), *(
+                (str(p.relative_to(model_dir)), (st := p.stat()).st_size, st.st_mtime_ns)
+                for p in sorted(files)
+            ))  # fmt: skip
+        except OSError:
+            return ()
+
+    async def poll(self) -> list[str]:
+        """Bring the models in line with the repository (`--repository-poll-s`): load a new
+        model directory, reload one whose versions or config changed since it was loaded,
+        unload one whose directory went. A model unloaded on request stays unloaded.
+        Returns the names acted on. Each load warms the new versions up before they take
+        traffic, and a failed one leaves the versions serving as they were."""
+        try:
+            present = set(self.discover())
+        except ConfigError as exc:
+            log.error("repository poll: %s", exc)
+            return []
+        acted = []
+        for name in sorted(present):
+            entry = self.models.get(name)
+            if entry is not None and not entry.wanted:
+                continue
+            if entry is None or self._loaded_from.get(name) != self._signature(name):
+                acted.append(name)
+                await self.load(name, quiet=True)
+        for name in sorted(set(self.models) - present):
+            if self.models[name].wanted:
+                acted.append(name)
+                await self.unload(name)
+        if acted:
+            log.info("repository poll: %s", ", ".join(acted))
+        return acted
 
     async def load_all(self) -> None:
         """Load every model in the repository, concurrently; failures are recorded per model."""
@@ -145,6 +190,8 @@ class ModelManager:
             entry = self.models.setdefault(name, ModelEntry(name))
             entry.wanted = True
             previous = dict(entry.versions)
+            signature = self._signature(name)
+            self._loaded_from[name] = signature  # a failed load is not retried until it changes
             if not previous:
                 entry.state = State.LOADING
             started = time.monotonic()

@@ -17,6 +17,10 @@ class Settings(BaseSettings):
 
     model_repository: Path = Path("models")
     """Directory holding one subdirectory per model."""
+    repository_poll_s: float = Field(default=0.0, ge=0)
+    """Every this many seconds, load new models, reload those whose versions or config
+    changed (new versions warm up before they take traffic; the old ones drain), unload
+    those whose directory went; 0: never."""
     host: str = "127.0.0.1"
     """Address both ports bind to; 0.0.0.0 to serve other hosts."""
     grpc_port: int = Field(default=8001, ge=0, le=65535)
