@@ -27,18 +27,13 @@ import numpy as np
 from salvo_client.batch.errors import BatchError, missing_extra
 from salvo_client.batch.model import TensorSpec
 from salvo_client.batch.rows import RowId, RowResult
+from salvo_client.batch.sources import SUFFIXES
 
 __all__ = ["SINK_FORMATS", "default_output", "output_format", "write_output"]
 
-SINK_FORMATS: dict[str, str] = {
-    ".npz": "npz",
-    ".jsonl": "jsonl",
-    ".ndjson": "jsonl",
-    ".csv": "csv",
-    ".parquet": "parquet",
-    ".pq": "parquet",
-}
-"""Output formats by the suffix of `--output`."""
+SINK_FORMATS: dict[str, str] = {s: f for s, f in SUFFIXES.items() if f != "npy"}
+"""Output formats by the suffix of `--output`: the input formats' suffixes, but `.npy`,
+which holds one array and cannot carry ids beside the outputs."""
 
 _DEFAULT_SINK = {"npy": "npz", "npz": "npz", "jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
 
